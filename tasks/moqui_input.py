@@ -1,0 +1,148 @@
+"""The moqui_tps.in format: the engine's only input, one `Key Value` per line.
+
+MOQUI silently ignores keys it does not know (a renamed key once went dead
+without any error), so this module is the single list of keys we write and
+read; writing any other key is an error here, not a surprise on the GPU.
+Both the orchestrator's writer and the stand-in engine's reader use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+# Every key MOQUI's tps_env is known to read (DOMAIN.md), in the order we write them.
+TPS_KEYS: tuple[str, ...] = (
+    "GPUID",
+    "RandomSeed",
+    "UseAbsolutePath",
+    "TotalThreads",
+    "MaxHistoriesPerBatch",
+    "Verbosity",
+    "ParentDir",
+    "DicomDir",
+    "logFilePath",
+    "GantryNum",
+    "BeamNumbers",
+    "UsingPhantomGeo",
+    "TwoCentimeterMode",
+    "PhantomDimX",
+    "PhantomDimY",
+    "PhantomDimZ",
+    "PhantomUnitX",
+    "PhantomUnitY",
+    "PhantomUnitZ",
+    "PhantomPositionX",
+    "PhantomPositionY",
+    "PhantomPositionZ",
+    "Scorer",
+    "SupressStd",
+    "ReadStructure",
+    "BodyContourName",
+    "SourceType",
+    "SimulationType",
+    "NormalizeTotalHistories",
+    "ScoreToCTGrid",
+    "OutputDir",
+    "OutputFormat",
+    "OverwriteResults",
+)
+
+OUTPUT_FORMATS: tuple[str, ...] = ("raw", "dcm", "mhd", "mha", "npz")
+
+
+class TpsFormatError(ValueError):
+    """A moqui_tps.in that cannot be written or read as the engine expects."""
+
+
+def _format_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    text = str(value)
+    if not text or "\n" in text or "\r" in text:
+        raise TpsFormatError(f"value {text!r} cannot be written on one line")
+    return text
+
+
+def format_tps(values: Mapping[str, object]) -> str:
+    """Render `values` as moqui_tps.in text; unknown keys and None values are errors."""
+    unknown = sorted(set(values) - set(TPS_KEYS))
+    if unknown:
+        raise TpsFormatError(f"unknown moqui_tps.in key(s): {', '.join(unknown)}")
+    lines = []
+    for key in TPS_KEYS:
+        if key not in values:
+            continue
+        value = values[key]
+        if value is None:
+            raise TpsFormatError(f"moqui_tps.in key {key} has no value")
+        lines.append(f"{key} {_format_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_tps(text: str, source: str = "moqui_tps.in") -> dict[str, str]:
+    """Parse moqui_tps.in text into {key: value}; blank lines and `#` comments are skipped."""
+    values: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        value = value.strip()
+        if not value:
+            raise TpsFormatError(f"{source}:{number}: key {key} has no value")
+        if key in values:
+            raise TpsFormatError(f"{source}:{number}: key {key} appears twice")
+        values[key] = value
+    return values
+
+
+def read_tps(path: Path) -> dict[str, str]:
+    return parse_tps(path.read_text(encoding="utf-8"), source=str(path))
+
+
+@dataclass(frozen=True)
+class PhantomGrid:
+    """The water phantom's dose grid as moqui_tps.in describes it.
+
+    Convention (uncertain in MOQUI's documentation, so kept in this one place):
+    `PhantomPosition*` is the outer corner of the first voxel in patient
+    coordinates (mm); voxel centres are at position + (i + 0.5) * unit. The raw
+    dose array is x-fastest: numpy shape (nz, ny, nx), C order.
+    """
+
+    dims: tuple[int, int, int]  # nx, ny, nz
+    spacing: tuple[float, float, float]  # mm: dx, dy, dz
+    position: tuple[float, float, float]  # mm: corner of the first voxel
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """numpy shape of the dose array: (nz, ny, nx)."""
+        nx, ny, nz = self.dims
+        return (nz, ny, nx)
+
+    @property
+    def voxel_count(self) -> int:
+        nx, ny, nz = self.dims
+        return nx * ny * nz
+
+    @property
+    def first_voxel_centre(self) -> tuple[float, float, float]:
+        return tuple(p + s / 2 for p, s in zip(self.position, self.spacing, strict=True))  # type: ignore[return-value]
+
+    @classmethod
+    def from_tps(cls, values: Mapping[str, str], source: str = "moqui_tps.in") -> PhantomGrid:
+        try:
+            dims = tuple(int(values[f"PhantomDim{a}"]) for a in "XYZ")
+            spacing = tuple(float(values[f"PhantomUnit{a}"]) for a in "XYZ")
+            position = tuple(float(values[f"PhantomPosition{a}"]) for a in "XYZ")
+        except KeyError as missing:
+            raise TpsFormatError(f"{source}: phantom key {missing.args[0]} is missing") from None
+        except ValueError as bad:
+            raise TpsFormatError(f"{source}: phantom key has a non-numeric value: {bad}") from None
+        if min(dims) <= 0 or min(spacing) <= 0:
+            raise TpsFormatError(f"{source}: phantom dimensions and units must be positive")
+        return cls(dims=dims, spacing=spacing, position=position)  # type: ignore[arg-type]
