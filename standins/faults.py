@@ -61,15 +61,12 @@ class Faults:
         """How many launches of this tool for `key` the launch log already holds."""
         if self.launch_log is None or not self.launch_log.exists():
             return 0
-        count = 0
-        for line in self.launch_log.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            if record.get("event") == "start" and record.get("tool") == self.tool and record.get("key") == key:
-                count += 1
-        return count
+        wanted = {"event": "start", "tool": self.tool, "key": key}
+        records = (json.loads(line) for line in self.launch_log.read_text(encoding="utf-8").splitlines())
+        return sum(all(record.get(k) == v for k, v in wanted.items()) for record in records)
 
     def record(self, event: str, key: str, **fields: object) -> None:
-        """Append one JSON line to the launch log (a single write, so concurrent appends stay whole)."""
+        """Append one JSON line to the launch log (one write call, so concurrent appends stay whole)."""
         if self.launch_log is None:
             return
         entry = {"event": event, "tool": self.tool, "key": key, "pid": os.getpid(),

@@ -1,0 +1,278 @@
+"""Typed settings for MQI Communicator, validated when the program starts.
+
+The old orchestrator dropped unknown YAML keys silently, so a typo switched a
+setting off without a word. Here every model forbids extra keys, every value
+is typed, every `{placeholder}` in a path or command is checked against the
+names that field may use, and each error names the key and the file.
+"""
+
+from __future__ import annotations
+
+import string
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from tasks.moqui_input import OUTPUT_FORMATS
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def placeholders(template: str) -> set[str]:
+    """The `{name}` fields a template uses (format-spec and conversion ignored)."""
+    return {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+
+
+def check_placeholders(template: str, allowed: set[str]) -> str:
+    try:
+        used = placeholders(template)
+    except ValueError as bad:
+        raise ValueError(f"{template!r} is not a valid template: {bad}") from None
+    unknown = used - allowed
+    if "" in used or unknown:
+        names = ", ".join(sorted("{" + n + "}" for n in unknown | ({""} & used)))
+        raise ValueError(
+            f"{template!r} uses unknown placeholder(s) {names}; "
+            f"allowed here: {', '.join(sorted('{' + a + '}' for a in allowed))}"
+        )
+    return template
+
+
+# Which placeholders each templated setting may use.
+PATH_FIELDS = {"data_root"}
+CASE_PATH_FIELDS = {"data_root", "case_id"}
+INTERPRETER_FIELDS = {"python", "case_dir", "csv_dir", "case_id"}
+ENGINE_FIELDS = {"python", "input", "case_id", "beam_number", "gpu"}
+DOSE_FILE_FIELDS = {"beam_name", "beam_number", "scorer", "ext"}
+
+
+class PathSettings(Strict):
+    """Where cases come from and where their work and results go."""
+
+    scan_dir: str = Field("{data_root}/scan", description="Folder watched for case folders.")
+    work_dir: str = Field(
+        "{data_root}/work/{case_id}",
+        description="Per-case scratch: interpreter CSVs, moqui_tps.in files, raw dose.",
+    )
+    output_dir: str = Field(
+        "{data_root}/output/{case_id}", description="Per-case RTDOSE files and provenance."
+    )
+
+    @field_validator("scan_dir")
+    @classmethod
+    def _scan(cls, value: str) -> str:
+        return check_placeholders(value, PATH_FIELDS)
+
+    @field_validator("work_dir", "output_dir")
+    @classmethod
+    def _per_case(cls, value: str) -> str:
+        check_placeholders(value, CASE_PATH_FIELDS)
+        if "{case_id}" not in value:
+            raise ValueError(f"{value!r} must contain {{case_id}} so cases never share a folder")
+        return value
+
+
+class CaseSettings(Strict):
+    ready_marker: str = Field("_CASE_READY", min_length=1)
+    delivery_policy: Literal["earliest_complete", "latest_complete", "single"] = (
+        "earliest_complete"
+    )
+
+
+class InterpreterSettings(Strict):
+    command: list[str] = Field(
+        default=[
+            "{python}", "-m", "standins.interpreter",
+            "--logdir", "{case_dir}", "--outputdir", "{csv_dir}",
+        ],
+        min_length=1,
+        description="argv of mqi_interpreter; the real one is "
+        "[python, /path/main_cli.py, --logdir, {case_dir}, --outputdir, {csv_dir}].",
+    )
+    workdir: str | None = Field(None, description="cwd for the interpreter (default: the case's work dir).")
+    timeout_seconds: float = Field(1800, gt=0)
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: list[str]) -> list[str]:
+        for part in value:
+            check_placeholders(part, INTERPRETER_FIELDS)
+        return value
+
+
+class EngineSettings(Strict):
+    command: list[str] = Field(
+        default=["{python}", "-m", "standins.tps_env", "{input}"],
+        min_length=1,
+        description="argv of MOQUI tps_env; the real one is [/path/tps_env, {input}].",
+    )
+    workdir: str = Field(
+        "{data_root}/engine", description="The engine's directory; it runs with this cwd."
+    )
+    timeout_seconds: float = Field(7200, gt=0, description="A beam's engine run is killed after this.")
+    poll_seconds: float = Field(0.5, gt=0, le=60, description="How often the engine log is read.")
+    retries: int = Field(2, ge=0, le=10, description="Extra attempts for transient engine faults.")
+    retry_delay_seconds: list[float] = Field(default=[2, 10], min_length=1)
+    dose_file_pattern: str = Field(
+        "{beam_name}_{beam_number}_{scorer}.{ext}",
+        description="Name of the engine's dose file in OutputDir.",
+    )
+    success_markers: list[str] = Field(default=["Total execution time:"], min_length=1)
+    failure_markers: list[str] = Field(
+        default=["FATAL ERROR", "ERROR:", "Segmentation fault"], min_length=1
+    )
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: list[str]) -> list[str]:
+        for part in value:
+            check_placeholders(part, ENGINE_FIELDS)
+        return value
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, value: str) -> str:
+        return check_placeholders(value, PATH_FIELDS)
+
+    @field_validator("dose_file_pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        return check_placeholders(value, DOSE_FILE_FIELDS)
+
+
+class PhantomSettings(Strict):
+    """The water phantom the dose is scored in (UsingPhantomGeo)."""
+
+    dims: tuple[int, int, int] = Field((100, 100, 100), description="Voxels in x, y, z.")
+    unit_mm: tuple[float, float, float] = Field((2.0, 2.0, 2.0), description="Voxel size (mm).")
+    position_mm: tuple[float, float, float] | None = Field(
+        None,
+        description="Outer corner of the first voxel (mm, patient coordinates); "
+        "default: the phantom centred on the beam isocentre.",
+    )
+
+    @field_validator("dims")
+    @classmethod
+    def _dims(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if min(value) <= 0:
+            raise ValueError("every phantom dimension must be positive")
+        return value
+
+    @field_validator("unit_mm")
+    @classmethod
+    def _unit(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(value) <= 0:
+            raise ValueError("every voxel size must be positive")
+        return value
+
+
+class TpsSettings(Strict):
+    """Engine options written to every moqui_tps.in (typed; MOQUI ignores unknown keys)."""
+
+    random_seed: int = -1932780356
+    use_absolute_path: bool = True
+    total_threads: int = Field(-1, description="-1 lets the engine choose.")
+    max_histories_per_batch: int = Field(10000, gt=0)
+    verbosity: int = Field(0, ge=0)
+    using_phantom_geo: bool = True
+    two_centimeter_mode: bool = False
+    phantom: PhantomSettings = PhantomSettings()
+    scorer: str = Field("Dose", pattern=r"^[A-Za-z0-9]+$")
+    supress_std: bool = True
+    read_structure: bool = False
+    body_contour_name: str = "BODY"
+    source_type: Literal["FluenceMap"] = "FluenceMap"
+    simulation_type: Literal["perBeam"] = "perBeam"
+    normalize_total_histories: bool = False
+    score_to_ct_grid: bool = False
+    output_format: Literal[OUTPUT_FORMATS] = "raw"  # type: ignore[valid-type]
+    overwrite_results: bool = True
+
+
+class BackendSettings(Strict):
+    kind: Literal["local"] = Field("local", description="Where engines run.")
+    host: str = Field(
+        "local", pattern=r"^[a-z0-9][a-z0-9-]{0,40}$",
+        description="GPU host name, used in the GPU limit names gpu-<host>-<index>.",
+    )
+    gpus: list[int] = Field(default=[0, 1, 2], min_length=1, description="GPU indices to use.")
+    gpu_lease_seconds: float = Field(
+        120, ge=60, description="A dead holder's GPU is freed about this long after it died."
+    )
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value) or min(value) < 0:
+            raise ValueError("GPU indices must be distinct and >= 0")
+        return value
+
+
+class DicomSettings(Strict):
+    dose_type: Literal["PHYSICAL", "EFFECTIVE"] = "PHYSICAL"
+    validator: str | None = Field(
+        "dciodvfy",
+        description="DICOM validator run on every RTDOSE written (skipped with a warning "
+        "if not installed); null to disable.",
+    )
+
+
+class Settings(Strict):
+    data_root: str = Field("../data", description="Relative paths resolve against the config file's folder.")
+    paths: PathSettings = PathSettings()
+    case: CaseSettings = CaseSettings()
+    interpreter: InterpreterSettings = InterpreterSettings()
+    engine: EngineSettings = EngineSettings()
+    tps: TpsSettings = TpsSettings()
+    backend: BackendSettings = BackendSettings()
+    dicom: DicomSettings = DicomSettings()
+    _source: Path | None = PrivateAttr(None)  # the config file; relative paths resolve beside it
+
+    @model_validator(mode="after")
+    def _root_is_concrete(self) -> Settings:
+        if placeholders(self.data_root):
+            raise ValueError("data_root cannot contain placeholders")
+        return self
+
+    # -- resolved paths ----------------------------------------------------
+    @property
+    def source(self) -> str:
+        return str(self._source) if self._source else "<defaults>"
+
+    def _base(self) -> Path:
+        return self._source.parent if self._source else Path.cwd()
+
+    def _path(self, template: str, **fields: str) -> Path:
+        path = Path(template.format(data_root=self.root, **fields))
+        return path if path.is_absolute() else (self._base() / path)
+
+    @property
+    def root(self) -> Path:
+        root = Path(self.data_root)
+        return (root if root.is_absolute() else self._base() / root).resolve()
+
+    @property
+    def scan_dir(self) -> Path:
+        return self._path(self.paths.scan_dir)
+
+    @property
+    def engine_dir(self) -> Path:
+        return self._path(self.engine.workdir)
+
+    def work_dir(self, case_id: str) -> Path:
+        return self._path(self.paths.work_dir, case_id=case_id)
+
+    def output_dir(self, case_id: str) -> Path:
+        return self._path(self.paths.output_dir, case_id=case_id)
+
+    def gpu_limit_names(self) -> list[str]:
+        return [f"gpu-{self.backend.host}-{index}" for index in self.backend.gpus]
+
+
+def python_executable() -> str:
+    """The interpreter running us: the stand-in tools run under the same one."""
+    return sys.executable
