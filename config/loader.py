@@ -40,9 +40,7 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict
     return loader.construct_mapping(node)
 
 
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
-)
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -77,7 +75,7 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> list[str]:
     for name, raw in sorted(env.items()):
         if not name.startswith(ENV_PREFIX):
             continue
-        keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__")]
+        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
         if not all(keys):
             raise ConfigError(f"environment variable {name}: empty key segment")
         try:

@@ -27,6 +27,17 @@ def placeholders(template: str) -> set[str]:
     return {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
 
 
+def require_placeholders(argv: list[str], allowed: set[str], required: set[str]) -> list[str]:
+    """Check every part of a command template; the tool cannot work without the `required` ones."""
+    used: set[str] = set()
+    for part in argv:
+        check_placeholders(part, allowed)
+        used |= placeholders(part)
+    for name in sorted(required - used):
+        raise ValueError(f"the command must pass {{{name}}} to the tool")
+    return argv
+
+
 def check_placeholders(template: str, allowed: set[str]) -> str:
     try:
         used = placeholders(template)
@@ -78,16 +89,19 @@ class PathSettings(Strict):
 
 class CaseSettings(Strict):
     ready_marker: str = Field("_CASE_READY", min_length=1)
-    delivery_policy: Literal["earliest_complete", "latest_complete", "single"] = (
-        "earliest_complete"
-    )
+    delivery_policy: Literal["earliest_complete", "latest_complete", "single"] = "earliest_complete"
 
 
 class InterpreterSettings(Strict):
     command: list[str] = Field(
         default=[
-            "{python}", "-m", "standins.interpreter",
-            "--logdir", "{case_dir}", "--outputdir", "{csv_dir}",
+            "{python}",
+            "-m",
+            "standins.interpreter",
+            "--logdir",
+            "{case_dir}",
+            "--outputdir",
+            "{csv_dir}",
         ],
         min_length=1,
         description="argv of mqi_interpreter; the real one is "
@@ -99,9 +113,7 @@ class InterpreterSettings(Strict):
     @field_validator("command")
     @classmethod
     def _command(cls, value: list[str]) -> list[str]:
-        for part in value:
-            check_placeholders(part, INTERPRETER_FIELDS)
-        return value
+        return require_placeholders(value, INTERPRETER_FIELDS, {"case_dir", "csv_dir"})
 
 
 class EngineSettings(Strict):
@@ -110,9 +122,7 @@ class EngineSettings(Strict):
         min_length=1,
         description="argv of MOQUI tps_env; the real one is [/path/tps_env, {input}].",
     )
-    workdir: str = Field(
-        "{data_root}/engine", description="The engine's directory; it runs with this cwd."
-    )
+    workdir: str = Field("{data_root}/engine", description="The engine's directory; it runs with this cwd.")
     timeout_seconds: float = Field(7200, gt=0, description="A beam's engine run is killed after this.")
     poll_seconds: float = Field(0.5, gt=0, le=60, description="How often the engine log is read.")
     retries: int = Field(2, ge=0, le=10, description="Extra attempts for transient engine faults.")
@@ -122,16 +132,12 @@ class EngineSettings(Strict):
         description="Name of the engine's dose file in OutputDir.",
     )
     success_markers: list[str] = Field(default=["Total execution time:"], min_length=1)
-    failure_markers: list[str] = Field(
-        default=["FATAL ERROR", "ERROR:", "Segmentation fault"], min_length=1
-    )
+    failure_markers: list[str] = Field(default=["FATAL ERROR", "ERROR:", "Segmentation fault"], min_length=1)
 
     @field_validator("command")
     @classmethod
     def _command(cls, value: list[str]) -> list[str]:
-        for part in value:
-            check_placeholders(part, ENGINE_FIELDS)
-        return value
+        return require_placeholders(value, ENGINE_FIELDS, {"input"})
 
     @field_validator("workdir")
     @classmethod
@@ -196,7 +202,8 @@ class TpsSettings(Strict):
 class BackendSettings(Strict):
     kind: Literal["local"] = Field("local", description="Where engines run.")
     host: str = Field(
-        "local", pattern=r"^[a-z0-9][a-z0-9-]{0,40}$",
+        "local",
+        pattern=r"^[a-z0-9][a-z0-9-]{0,40}$",
         description="GPU host name, used in the GPU limit names gpu-<host>-<index>.",
     )
     gpus: list[int] = Field(default=[0, 1, 2], min_length=1, description="GPU indices to use.")

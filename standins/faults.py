@@ -69,8 +69,15 @@ class Faults:
         """Append one JSON line to the launch log (one write call, so concurrent appends stay whole)."""
         if self.launch_log is None:
             return
-        entry = {"event": event, "tool": self.tool, "key": key, "pid": os.getpid(),
-                 "host": socket.gethostname(), "time": time.time(), **fields}
+        entry = {
+            "event": event,
+            "tool": self.tool,
+            "key": key,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "time": time.time(),
+            **fields,
+        }
         self.launch_log.parent.mkdir(parents=True, exist_ok=True)
         data = (json.dumps(entry, sort_keys=True) + "\n").encode()
         fd = os.open(self.launch_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -69,7 +69,10 @@ def gpu_lease(settings: Settings, wait_seconds: float = 0.5) -> Iterator[int]:
             try:
                 held.enter_context(
                     concurrency(
-                        f"gpu-{host}-{index}", occupy=1, max_retries=0, strict=True,
+                        f"gpu-{host}-{index}",
+                        occupy=1,
+                        max_retries=0,
+                        strict=True,
                         lease_duration=settings.backend.gpu_lease_seconds,
                     )
                 )

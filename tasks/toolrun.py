@@ -91,8 +91,13 @@ def run_tool(
     with log_path.open("wb") as log:
         run.started = time.time()
         proc = subprocess.Popen(
-            run.argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=None if env is None else dict(env), start_new_session=True,
+            run.argv,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=None if env is None else dict(env),
+            start_new_session=True,
         )
     follower = _LineFollower(log_path)
     deadline = time.monotonic() + timeout

@@ -1,0 +1,164 @@
+"""The `mqi` command: check config, inspect a case, run one now, run the demo, write a sample case."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from config import ConfigError, Settings, load_settings
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    console.print(f"[green]config OK[/green]: {settings.source}")
+    console.print_json(settings.model_dump_json())
+    console.print(
+        f"data root: {settings.root}\nscan folder: {settings.scan_dir}\n"
+        f"engine folder: {settings.engine_dir}\nGPU limits: {', '.join(settings.gpu_limit_names())}"
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from tasks.casefolder import inspect_case
+
+    settings = _settings(args)
+    found = inspect_case(
+        Path(args.case_dir),
+        ready_marker=settings.case.ready_marker,
+        delivery_policy=settings.case.delivery_policy,
+    )
+    if args.json:
+        print(json.dumps(found.to_json_dict(), indent=2, ensure_ascii=False))
+        return 1 if found.problems else 0
+    console.print(f"case [bold]{found.case_id}[/bold]  ({found.case_dir})")
+    console.print(f"plan: {found.plan_path or 'not found'}")
+    console.print(f"ready marker {settings.case.ready_marker}: {'present' if found.ready else 'MISSING'}")
+    table = Table("beam", "name", "gantry", "layers", "delivery folder", title="treatment beams")
+    for beam in found.beams:
+        table.add_row(
+            str(beam.number), beam.name, f"{beam.gantry_angle:g}", str(beam.layers), beam.delivery.folder
+        )
+    console.print(table)
+    for ex in found.excluded:
+        console.print(f"excluded: beam {ex.number} ({ex.name}): {ex.reason}")
+    for problem in found.problems:
+        err_console.print(f"[red]problem[/red]: {problem}")
+    if not found.problems:
+        console.print("[green]no problems found[/green]")
+    return 1 if found.problems else 0
+
+
+def _print_outcome(settings: Settings, case_dir: Path, state: object) -> int:
+    """Summary table from the provenance files the run wrote, then the final state message."""
+    out_dir = settings.output_dir(case_dir.name)
+    table = Table("file", "beam", "GPU", "attempts", "max dose (Gy)", title=f"outputs in {out_dir}")
+    for prov_path in sorted(out_dir.glob("*.provenance.json")):
+        prov = json.loads(prov_path.read_text(encoding="utf-8"))
+        beams = prov["beams"]
+        if prov["summation"] == "BEAM":
+            beam = beams[0]
+            table.add_row(
+                prov["rtdose"],
+                f"{beam['beam_number']} ({beam['beam_name']})",
+                str(beam["gpu"]),
+                str(beam["attempts"]),
+                "",
+            )
+        else:
+            table.add_row(prov["rtdose"], "plan sum", "", "", "")
+    console.print(table)
+    ok = state.is_completed()  # type: ignore[attr-defined]
+    colour = "green" if ok else "red"
+    console.print(f"[{colour}]{state.name}[/{colour}]: {state.message}")  # type: ignore[attr-defined]
+    return 0 if ok else 1
+
+
+def _run_case(args: argparse.Namespace, case_dir: Path) -> int:
+    from flows.case import process_case
+
+    settings = _settings(args)
+    state = process_case(str(case_dir.resolve()), args.config, return_state=True)
+    return _print_outcome(settings, case_dir, state)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    case_dir = Path(args.case_dir)
+    if not case_dir.is_dir():
+        err_console.print(f"[red]error[/red]: {case_dir} is not a folder")
+        return 2
+    return _run_case(args, case_dir)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from standins.sample_case import write_sample_case
+
+    settings = _settings(args)
+    settings.scan_dir.mkdir(parents=True, exist_ok=True)
+    settings.engine_dir.mkdir(parents=True, exist_ok=True)
+    case_id = datetime.now().strftime("DEMO-%Y%m%d-%H%M%S")
+    case_dir = write_sample_case(settings.scan_dir, case_id, ready_marker=settings.case.ready_marker)
+    console.print(f"sample case written: {case_dir}")
+    return _run_case(args, case_dir)
+
+
+def cmd_sample_case(args: argparse.Namespace) -> int:
+    from standins.sample_case import main as sample_main
+
+    return sample_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mqi", description=__doc__)
+    parser.add_argument("--config", help="config file (default: $MQI_CONFIG or config/config.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    config = sub.add_parser("config", help="configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    config_sub.add_parser("check", help="validate and print the effective configuration").set_defaults(
+        func=cmd_config_check
+    )
+
+    inspect = sub.add_parser("inspect", help="show what a case would do, without running anything")
+    inspect.add_argument("case_dir")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(func=cmd_inspect)
+
+    run = sub.add_parser("run", help="run one case now and print its outputs")
+    run.add_argument("case_dir")
+    run.set_defaults(func=cmd_run)
+
+    sub.add_parser(
+        "demo", help="write a sample case into the scan folder and run it end to end"
+    ).set_defaults(func=cmd_demo)
+
+    sample = sub.add_parser("sample-case", help="write a synthetic case folder (see --help)", add_help=False)
+    sample.add_argument("rest", nargs=argparse.REMAINDER)
+    sample.set_defaults(func=cmd_sample_case)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        err_console.print(f"[red]configuration error[/red]: {err}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

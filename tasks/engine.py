@@ -1,0 +1,138 @@
+"""Launch MOQUI for one beam and decide, from exit code, log markers and output, whether it worked.
+
+The old orchestrator looked for the wrong completion marker and left beams
+at 70 % forever. The rules here (DOMAIN.md): a failure marker or a non-zero
+exit fails the run; a signal (or 139 from a shell) is a crash; exit 0 without
+a failure marker is a success only if the dose file exists with the size the
+phantom grid implies.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from config.settings import Settings, python_executable
+from tasks.errors import PermanentError, ToolError
+from tasks.moqui_input import PhantomGrid, read_tps
+from tasks.toolrun import ToolRun, run_tool
+from tasks.tps import BeamInput
+
+PROGRESS = re.compile(r"Generating particles for \((\d+) of (\d+) batches\)")
+
+
+@dataclass
+class EngineOutcome:
+    run: ToolRun
+    failure: str | None  # None: the engine succeeded
+    saw_completion: bool
+
+
+def engine_argv(settings: Settings, beam: BeamInput, gpu: int) -> list[str]:
+    fields = {
+        "python": python_executable(),
+        "input": beam.tps_path,
+        "case_id": beam.case_id,
+        "beam_number": str(beam.beam_number),
+        "gpu": str(gpu),
+    }
+    return [part.format(**fields) for part in settings.engine.command]
+
+
+def progress_of(line: str) -> float | None:
+    """Fraction done from a `Generating particles for (k of N batches)` line."""
+    match = PROGRESS.search(line)
+    if not match or int(match.group(2)) == 0:
+        return None
+    return int(match.group(1)) / int(match.group(2))
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def judge(run: ToolRun, lines: list[str], settings: Settings) -> tuple[str | None, bool]:
+    """(failure message or None, whether the completion marker was seen)."""
+    seen_done = any(m in line for line in lines for m in settings.engine.success_markers)
+    failures = [line for line in lines if any(m in line for m in settings.engine.failure_markers)]
+    code = run.returncode
+    if run.timed_out:
+        return f"engine did not finish within {settings.engine.timeout_seconds:g} s and was killed", seen_done
+    if code is not None and (code < 0 or code > 128):
+        number = -code if code < 0 else code - 128
+        return f"engine crashed ({_signal_name(number)}, exit {code})", seen_done
+    if failures:
+        return f"engine reported: {failures[-1].strip()} (exit {code})", seen_done
+    if code != 0:
+        return f"engine exited with code {code}", seen_done
+    return None, seen_done
+
+
+def expected_dose_bytes(settings: Settings, tps_path: Path) -> int | None:
+    """Size of a raw dose file for this input (float64 per voxel); None for other formats."""
+    if settings.tps.output_format != "raw":
+        return None
+    return PhantomGrid.from_tps(read_tps(tps_path), str(tps_path)).voxel_count * 8
+
+
+def verify_dose(settings: Settings, beam: BeamInput) -> str | None:
+    """Why the engine's dose file is not acceptable, or None if it is."""
+    dose = Path(beam.dose_file)
+    if not dose.is_file():
+        found = sorted(p.name for p in Path(beam.dose_dir).glob("*")) or ["nothing"]
+        return f"engine wrote no dose file {dose.name} in {beam.dose_dir} (found: {', '.join(found)})"
+    expected = expected_dose_bytes(settings, Path(beam.tps_path))
+    size = dose.stat().st_size
+    if expected is not None and size != expected:
+        return f"dose file {dose} has {size} bytes, expected {expected} (nx*ny*nz*8)"
+    return None
+
+
+def run_engine(
+    settings: Settings,
+    beam: BeamInput,
+    gpu: int,
+    log_path: Path,
+    on_line: Callable[[str], None] | None = None,
+) -> EngineOutcome:
+    """Run the engine for one beam on `gpu` (GPUID already written) and judge the result."""
+    engine_dir = settings.engine_dir
+    if not engine_dir.is_dir():
+        raise PermanentError(f"engine directory {engine_dir} does not exist (engine.workdir)")
+    Path(beam.dose_file).unlink(missing_ok=True)  # never mistake an old attempt's file for this one's
+    lines: list[str] = []
+
+    def follow(line: str) -> None:
+        lines.append(line)
+        if on_line is not None:
+            on_line(line)
+
+    argv = engine_argv(settings, beam, gpu)
+    try:
+        run = run_tool(
+            argv,
+            cwd=engine_dir,
+            log_path=log_path,
+            timeout=settings.engine.timeout_seconds,
+            poll=settings.engine.poll_seconds,
+            on_line=follow,
+        )
+    except OSError as err:
+        raise PermanentError(f"cannot start the engine {argv[0]!r}: {err}") from None
+    failure, done = judge(run, lines, settings)
+    if failure is None:
+        failure = verify_dose(settings, beam)
+    return EngineOutcome(run=run, failure=failure, saw_completion=done)
+
+
+def engine_failed(beam: BeamInput, gpu: int, outcome: EngineOutcome) -> ToolError:
+    return ToolError(
+        f"case {beam.case_id}: beam {beam.beam_number} ({beam.beam_name}) on GPU {gpu}: {outcome.failure}; "
+        f"log {outcome.run.log_path}; last lines:\n{outcome.run.tail_text(15)}"
+    )
