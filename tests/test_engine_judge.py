@@ -1,0 +1,38 @@
+"""Deciding an engine run's outcome from exit code, log markers and the dose file (DOMAIN.md)."""
+
+from pathlib import Path
+
+import pytest
+
+from tasks.engine import judge, progress_of
+from tasks.toolrun import ToolRun
+
+
+def run(code, timed_out=False):
+    return ToolRun(argv=["tps_env"], log_path=Path("x.log"), returncode=code, timed_out=timed_out)
+
+
+@pytest.mark.parametrize(
+    ("code", "lines", "failure", "done"),
+    [
+        (0, ["Simulating with 4 batches", "Total execution time: 3.2 s"], None, True),
+        (0, ["Simulating with 4 batches"], None, False),  # exit 0, no marker: success (dose checked)
+        (0, ["ERROR: cannot open DicomDir"], "engine reported: ERROR: cannot open DicomDir (exit 0)", False),
+        (1, ["FATAL ERROR in CUDA"], "engine reported: FATAL ERROR in CUDA (exit 1)", False),
+        (2, ["something"], "engine exited with code 2", False),
+        (-11, ["Generating particles for (1 of 4 batches)"], "engine crashed (SIGSEGV, exit -11)", False),
+        (139, ["Segmentation fault (core dumped)"], "engine crashed (SIGSEGV, exit 139)", False),
+    ],
+)
+def test_outcomes(settings, code, lines, failure, done):
+    assert judge(run(code), lines, settings) == (failure, done)
+
+
+def test_timeout_wins(settings):
+    failure, _ = judge(run(-15, timed_out=True), ["Generating particles for (1 of 4 batches)"], settings)
+    assert failure == "engine did not finish within 120 s and was killed"
+
+
+def test_progress_lines():
+    assert progress_of("Generating particles for (3 of 12 batches)") == 0.25
+    assert progress_of("Total execution time: 1 s") is None
