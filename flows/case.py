@@ -56,6 +56,7 @@ def process_case(case_dir: str, config: str | None = None) -> State:
         conversions: dict[int, PrefectFuture] = {}
         for future in as_completed(list(simulations)):
             beam = beam_of[future]
+            future.wait()  # sets the final state locally; the API may not have it yet
             if future.state.is_completed():
                 result = future.result()
                 results[beam.number] = result

@@ -6,27 +6,28 @@ write its index as GPUID and no two engines ever share a card. Slots are
 server-side leases: they work across processes and machines and expire when
 a holder dies. `strict=True` everywhere: a missing limit is an error, never a
 silently unlimited run.
+
+We talk to the lease API directly rather than through `concurrency()`:
+taking "any one free GPU of N" needs a non-blocking try per GPU, and
+`concurrency(max_retries=0)` logs every busy GPU as an error.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
+from uuid import UUID
 
 import httpx
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-from prefect.concurrency.sync import concurrency
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_logger
 
 from config.settings import Settings
-
-try:  # the exception's home moved between Prefect 3 releases
-    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
-except ImportError:  # pragma: no cover
-    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 
 logger = get_logger("mqi.gpu")
 
@@ -50,37 +51,74 @@ def ensure_gpu_limits(settings: Settings) -> list[str]:
     return names
 
 
-def _is_locked(error: ConcurrencySlotAcquisitionError) -> bool:
-    cause = error.__cause__
-    return isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 423
+class GpuLimitMissing(RuntimeError):
+    """A configured GPU has no concurrency limit: refuse rather than run unlimited."""
+
+
+def _try_acquire(
+    client: SyncPrefectClient, name: str, settings: Settings, holder: ConcurrencyLeaseHolder | None
+) -> UUID | None:
+    """Take the GPU's single slot if it is free; None if another holder has it."""
+    try:
+        response = client.increment_concurrency_slots_with_lease(
+            names=[name],
+            slots=1,
+            mode="concurrency",
+            lease_duration=settings.backend.gpu_lease_seconds,
+            holder=holder,
+        )
+    except httpx.HTTPStatusError as error:
+        if error.response.status_code == 423:  # Locked: the GPU is taken
+            return None
+        raise
+    body = response.json()
+    if not body.get("limits"):
+        raise GpuLimitMissing(
+            f"GPU limit {name} does not exist on the Prefect server; run `mqi gpus sync` or start via mqi"
+        )
+    return UUID(body["lease_id"])
+
+
+def _renew_until(stop: threading.Event, lease_id: UUID, duration: float) -> None:
+    """Keep the lease alive while the engine runs; if we die, it expires after `duration`."""
+    with get_client(sync_client=True) as client:
+        while not stop.wait(duration / 3):
+            try:
+                client.renew_concurrency_lease(lease_id=lease_id, lease_duration=duration)
+            except Exception as error:  # the next renewal may still succeed before expiry
+                logger.warning("could not renew GPU lease %s: %s", lease_id, error)
 
 
 @contextmanager
-def gpu_lease(settings: Settings, wait_seconds: float = 0.5) -> Iterator[int]:
+def gpu_lease(
+    settings: Settings, holder: ConcurrencyLeaseHolder | None = None, wait_seconds: float = 0.5
+) -> Iterator[int]:
     """Hold one free GPU of the configured host for the duration of the block; yield its index.
 
     Tries each GPU's limit without waiting; when all are taken, waits a short
     interval and tries again (arrival order is not guaranteed here).
     """
-    host = settings.backend.host
-    while True:
-        for index in settings.backend.gpus:
-            held = ExitStack()
+    host, duration = settings.backend.host, settings.backend.gpu_lease_seconds
+    with get_client(sync_client=True) as client:
+        lease: tuple[UUID, int] | None = None
+        while lease is None:
+            for index in settings.backend.gpus:
+                lease_id = _try_acquire(client, f"gpu-{host}-{index}", settings, holder)
+                if lease_id is not None:
+                    lease = (lease_id, index)
+                    break
+            else:
+                time.sleep(wait_seconds)  # every GPU is busy: try again shortly
+        lease_id, index = lease
+        stop = threading.Event()
+        renewer = threading.Thread(target=_renew_until, args=(stop, lease_id, duration), daemon=True)
+        renewer.start()
+        try:
+            yield index
+        finally:
+            stop.set()
+            renewer.join()
             try:
-                held.enter_context(
-                    concurrency(
-                        f"gpu-{host}-{index}",
-                        occupy=1,
-                        max_retries=0,
-                        strict=True,
-                        lease_duration=settings.backend.gpu_lease_seconds,
-                    )
-                )
-            except ConcurrencySlotAcquisitionError as error:
-                if _is_locked(error):
-                    continue
-                raise
-            with held:
-                yield index
-            return
-        time.sleep(wait_seconds)  # every GPU is busy: try again shortly
+                client.release_concurrency_slots_with_lease(lease_id)
+            except Exception as error:  # the lease still expires on its own
+                logger.warning("could not release GPU %s lease %s: %s", index, lease_id, error)

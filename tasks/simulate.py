@@ -13,6 +13,7 @@ from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.logging import get_run_logger
 from prefect.runtime import task_run
 from pydantic import BaseModel
@@ -56,10 +57,11 @@ def simulate_beam(
     attempt: int,
     on_line: Callable[[str], None] | None = None,
     on_gpu: Callable[[int], None] | None = None,
+    holder: ConcurrencyLeaseHolder | None = None,
 ) -> tuple[BeamResult, bool]:
     """Run one beam on a leased GPU; return its result and whether the completion line was seen."""
     preflight(beam)
-    with gpu_lease(settings) as gpu:
+    with gpu_lease(settings, holder) as gpu:
         with_gpu(Path(beam.tps_path), gpu)
         if on_gpu is not None:
             on_gpu(gpu)
@@ -110,6 +112,7 @@ def simulate(settings: Settings, beam: BeamInput) -> BeamResult:
         attempt,
         on_line=on_line,
         on_gpu=lambda gpu: logger.info("%s: attempt %s on GPU %s", label, attempt, gpu),
+        holder=ConcurrencyLeaseHolder(type="task_run", id=task_run.id) if task_run.id else None,
     )
     if not completed:
         logger.warning("%s: engine exited 0 without a completion line; dose file verified", label)

@@ -46,6 +46,6 @@ def prefect_server() -> Iterator[None]:
     """One Prefect test server for the whole session (it takes ~13 s to start)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # it only adds "database is locked" noise
     with prefect_test_harness(server_startup_timeout=90):
         yield

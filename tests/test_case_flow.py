@@ -1,0 +1,105 @@
+"""The case flow end to end on a Prefect test server, with the stand-in tools."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+from config import load_settings
+from flows.case import process_case
+from standins.sample_case import write_sample_case
+from tasks.report import artifact_key
+from tasks.rtdose import read_dose_gy
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_server")]
+
+
+def launches(log: Path) -> dict[str, int]:
+    """Engine launches per beam number, from the stand-in engine's launch record."""
+    counts: dict[str, int] = {}
+    for line in log.read_text().splitlines():
+        record = json.loads(line)
+        if record["tool"] == "engine" and record["event"] == "start":
+            counts[record["key"]] = counts.get(record["key"], 0) + 1
+    return counts
+
+
+def run_case(config_file: Path, case_id: str, monkeypatch, **env: str):
+    settings = load_settings(config_file, env={})
+    case_dir = write_sample_case(settings.scan_dir, case_id, beams=3)
+    launch_log = config_file.parent / "launches.jsonl"
+    monkeypatch.setenv("MQI_STANDIN_LAUNCH_LOG", str(launch_log))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    state = process_case(str(case_dir), str(config_file), return_state=True)
+    return settings, state, settings.output_dir(case_id), launch_log
+
+
+def read_artifacts(key: str) -> list:
+    async def read() -> list:
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+    return asyncio.run(read())
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_case_completes_with_valid_rtdose_per_beam_and_plan(config_file, monkeypatch):
+    settings, state, out, launch_log = run_case(config_file, "CASE-OK", monkeypatch)
+    assert state.is_completed(), state.message
+    assert state.message == "case CASE-OK: 3/3 beams done"
+    files = sorted(p.name for p in out.glob("*.dcm"))
+    assert files == ["RTDOSE_beam02.dcm", "RTDOSE_beam03.dcm", "RTDOSE_beam04.dcm", "RTDOSE_plan.dcm"]
+    total = 0
+    for name in files:
+        path = out / name
+        assert dciodvfy_errors(path) == [], name
+        ds = pydicom.dcmread(path)
+        assert ds.Modality == "RTDOSE" and float(ds.DoseGridScaling) > 0
+        assert ds.DoseSummationType == ("PLAN" if name == "RTDOSE_plan.dcm" else "BEAM")
+        prov = json.loads(path.with_name(path.stem + ".provenance.json").read_text())
+        assert prov["rtdose_sha256"] and prov["beams"][0]["input_hash"]
+        if name != "RTDOSE_plan.dcm":
+            total = total + read_dose_gy(path)
+            assert prov["beams"][0]["gpu"] in settings.backend.gpus
+    plan = read_dose_gy(out / "RTDOSE_plan.dcm")
+    assert abs(plan - total).max() <= float(pydicom.dcmread(out / "RTDOSE_plan.dcm").DoseGridScaling) * 2
+    assert plan.max() > 0
+    assert launches(launch_log) == {"2": 1, "3": 1, "4": 1}
+    table = read_artifacts(artifact_key("CASE-OK"))
+    assert table and table[0].type == "table"
+    rows = json.loads(table[0].data) if isinstance(table[0].data, str) else table[0].data
+    assert [row["state"] for row in rows] == ["Completed"] * 3
+
+
+def test_beam_that_always_crashes_fails_the_case_and_keeps_the_others(config_file, monkeypatch):
+    _, state, out, launch_log = run_case(
+        config_file, "CASE-CRASH", monkeypatch,
+        MQI_STANDIN_ENGINE_FAULT="segfault", MQI_STANDIN_ENGINE_FAULT_KEYS="3",
+    )
+    assert state.is_failed()
+    assert "2/3 beams done" in state.message
+    assert "beam 3 (2G090:TX) failed" in state.message and "SIGSEGV" in state.message
+    assert sorted(p.name for p in out.glob("*.dcm")) == ["RTDOSE_beam02.dcm", "RTDOSE_beam04.dcm"]
+    assert launches(launch_log) == {"2": 1, "3": 2, "4": 1}  # retries: 1 in the test config
+
+
+def test_engine_failing_once_is_retried_and_the_case_completes(config_file, monkeypatch):
+    _, state, out, launch_log = run_case(
+        config_file, "CASE-RETRY", monkeypatch, MQI_STANDIN_ENGINE_FAIL_FIRST="1"
+    )
+    assert state.is_completed(), state.message
+    assert launches(launch_log) == {"2": 2, "3": 2, "4": 2}
+    prov = json.loads((out / "RTDOSE_beam02.provenance.json").read_text())
+    assert prov["beams"][0]["attempts"] == 2
