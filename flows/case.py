@@ -14,9 +14,9 @@ from prefect import flow, tags, unmapped
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
-from tasks.casefolder import Beam
 
 from config import load_settings
+from tasks.casefolder import Beam
 from tasks.convert import DoseOutput, convert_beam, convert_plan
 from tasks.discover import discover
 from tasks.gpu import ensure_gpu_limits

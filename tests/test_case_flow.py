@@ -45,7 +45,9 @@ def run_case(config_file: Path, case_id: str, monkeypatch, **env: str):
 def read_artifacts(key: str) -> list:
     async def read() -> list:
         async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+            )
 
     return asyncio.run(read())
 
@@ -85,8 +87,11 @@ def test_case_completes_with_valid_rtdose_per_beam_and_plan(config_file, monkeyp
 
 def test_beam_that_always_crashes_fails_the_case_and_keeps_the_others(config_file, monkeypatch):
     _, state, out, launch_log = run_case(
-        config_file, "CASE-CRASH", monkeypatch,
-        MQI_STANDIN_ENGINE_FAULT="segfault", MQI_STANDIN_ENGINE_FAULT_KEYS="3",
+        config_file,
+        "CASE-CRASH",
+        monkeypatch,
+        MQI_STANDIN_ENGINE_FAULT="segfault",
+        MQI_STANDIN_ENGINE_FAULT_KEYS="3",
     )
     assert state.is_failed()
     assert "2/3 beams done" in state.message
