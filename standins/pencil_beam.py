@@ -125,9 +125,7 @@ def depth_dose(energy_mev: float) -> tuple[np.ndarray, np.ndarray]:
     nuclear = BETA_PER_CM + GAMMA_LOCAL * BETA_PER_CM * P_EXPONENT
     scale = 1 / (P_EXPONENT * ALPHA_CM**inv_p * (1 + BETA_PER_CM * r0))
     # Antiderivative of Bortfeld's unstraggled curve in terms of residual range.
-    antiderivative = scale * (
-        P_EXPONENT * residual**inv_p + nuclear * residual ** (inv_p + 1) / (inv_p + 1)
-    )
+    antiderivative = scale * (P_EXPONENT * residual**inv_p + nuclear * residual ** (inv_p + 1) / (inv_p + 1))
     unstraggled = -np.diff(antiderivative) / step
     offsets = step * np.arange(-cut, cut + 1)
     kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
@@ -204,16 +202,18 @@ class _BeamGeometry:
         # Voxel-centre coordinates relative to the isocentre, broadcastable to (nz, ny, nx).
         axes = [
             start + (np.arange(n) + 0.5) * step - iso
-            for start, step, n, iso in zip(grid.position, grid.spacing, (nx, ny, nz), isocentre_mm,
-                                           strict=True)
+            for start, step, n, iso in zip(
+                grid.position, grid.spacing, (nx, ny, nz), isocentre_mm, strict=True
+            )
         ]
         rel = (axes[0][None, None, :], axes[1][None, :, None], axes[2][:, None, None])
         u = sum(c * r for c, r in zip(u_axis, rel, strict=True) if c != 0.0)
         v = sum(c * r for c, r in zip(v_axis, rel, strict=True) if c != 0.0)
         # Depth: the shortest way back (along -d) to a face of the box, over the axes d crosses.
         depth = np.full(grid.shape, np.inf)
-        for c, r, start, step, n, iso in zip(direction, rel, grid.position, grid.spacing,
-                                             (nx, ny, nz), isocentre_mm, strict=True):
+        for c, r, start, step, n, iso in zip(
+            direction, rel, grid.position, grid.spacing, (nx, ny, nz), isocentre_mm, strict=True
+        ):
             if abs(c) < 1e-12:
                 continue
             face = (start - iso) if c > 0 else (start + n * step - iso)
@@ -228,8 +228,9 @@ class _BeamGeometry:
         self.v = v[self.order]
 
 
-def _fluence_at(u: np.ndarray, v: np.ndarray, spots_mm: np.ndarray, protons: np.ndarray,
-                sigma_mm: float) -> np.ndarray:
+def _fluence_at(
+    u: np.ndarray, v: np.ndarray, spots_mm: np.ndarray, protons: np.ndarray, sigma_mm: float
+) -> np.ndarray:
     """Sum of the spots' normalised 2-D Gaussians (protons/cm^2) at points (u, v) in mm.
 
     Evaluated exactly on a BEV grid as (G_u^T diag(N)) G_v, then read bilinearly;
@@ -255,8 +256,12 @@ def _fluence_at(u: np.ndarray, v: np.ndarray, spots_mm: np.ndarray, protons: np.
     tv = fv - iv
     flat = table.ravel()
     corner = iu * counts[1] + iv
-    value = ((1 - tu) * (1 - tv) * flat[corner] + (1 - tu) * tv * flat[corner + 1]
-             + tu * (1 - tv) * flat[corner + counts[1]] + tu * tv * flat[corner + counts[1] + 1])
+    value = (
+        (1 - tu) * (1 - tv) * flat[corner]
+        + (1 - tu) * tv * flat[corner + 1]
+        + tu * (1 - tv) * flat[corner + counts[1]]
+        + tu * tv * flat[corner + counts[1] + 1]
+    )
     return np.where(inside, value, 0.0)
 
 

@@ -197,20 +197,22 @@ def prepare(values: Mapping[str, str], source: str) -> Run:
         raise EngineError("UsingPhantomGeo false (CT geometry) is not supported by the stand-in")
     if _flag(values, "ScoreToCTGrid", default=False):
         raise EngineError("ScoreToCTGrid true is not supported by the stand-in")
-    for key, supported in (("SimulationType", "perBeam"), ("SourceType", "FluenceMap"),
-                           ("Scorer", "Dose")):
+    for key, supported in (("SimulationType", "perBeam"), ("SourceType", "FluenceMap"), ("Scorer", "Dose")):
         if values.get(key, supported) != supported:
             raise EngineError(f"{key} {values[key]} is not supported by the stand-in ({supported})")
     output_format = values["OutputFormat"]
     if output_format not in OUTPUT_FORMATS:
         raise EngineError(f"unknown OutputFormat {output_format!r}")
     if output_format not in WRITTEN_FORMATS:
-        raise EngineError(f"OutputFormat {output_format} is not supported by the stand-in "
-                          f"(use {' or '.join(WRITTEN_FORMATS)})")
+        raise EngineError(
+            f"OutputFormat {output_format} is not supported by the stand-in "
+            f"(use {' or '.join(WRITTEN_FORMATS)})"
+        )
     beam = plan_beam(find_rtplan(Path(values["DicomDir"])), _integer(values, "BeamNumbers"))
     layers = read_layers(Path(values["logFilePath"]), beam)
-    name = OUTPUT_NAME_PATTERN.format(beam_name=beam.name, beam_number=beam.number,
-                                      scorer=values["Scorer"], ext=output_format)
+    name = OUTPUT_NAME_PATTERN.format(
+        beam_name=beam.name, beam_number=beam.number, scorer=values["Scorer"], ext=output_format
+    )
     output = Path(values["OutputDir"]) / name
     if output.exists() and not _flag(values, "OverwriteResults", default=False):
         raise EngineError(f"output file exists and OverwriteResults is false: {output}")
@@ -253,20 +255,23 @@ def simulate(run: Run, faults: Faults, key: str, attempt: int, started: float) -
     fault = faults.injected_fault(key, attempt)
     if fault is not None:
         progress(1)
-        act_out(fault, f"CUDA error: an illegal memory access was encountered "
-                       f"(stand-in injected {fault}, launch {attempt} of beam {key})")
+        act_out(
+            fault,
+            f"CUDA error: an illegal memory access was encountered "
+            f"(stand-in injected {fault}, launch {attempt} of beam {key})",
+        )
     if faults.duration is not None:
         # Benchmark mode: the wall-clock time is the product, so sleeping is the point.
         dose = placeholder_dose(run.grid)
         for batch in range(1, batches + 1):
-            time.sleep(max(0.0, started + faults.duration * (batch - 1) / batches
-                           - time.perf_counter()))
+            time.sleep(max(0.0, started + faults.duration * (batch - 1) / batches - time.perf_counter()))
             progress(batch)
         write_dose(dose, run.output, run.output_format)
         time.sleep(max(0.0, started + faults.duration - time.perf_counter()))
     else:
-        dose = compute_dose(run.grid, run.beam.isocentre_mm, run.beam.gantry_angle_deg,
-                            run.layers, on_layer=progress)
+        dose = compute_dose(
+            run.grid, run.beam.isocentre_mm, run.beam.gantry_angle_deg, run.layers, on_layer=progress
+        )
         write_dose(dose, run.output, run.output_format)
 
 
@@ -303,12 +308,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     faults = Faults.from_env("ENGINE")
     attempt = faults.previous_launches(key) + 1
-    faults.record("start", key, gpu=_gpu_id(values.get("GPUID")), input=str(source),
-                  cwd=os.getcwd(), attempt=attempt)
+    faults.record(
+        "start", key, gpu=_gpu_id(values.get("GPUID")), input=str(source), cwd=os.getcwd(), attempt=attempt
+    )
     code = 1
     try:
-        say(f"MOQUI stand-in tps_env (numpy pencil beam, no CUDA): GPUID {values.get('GPUID')}, "
-            f"RandomSeed {values.get('RandomSeed', '0')}, input {source}")
+        say(
+            f"MOQUI stand-in tps_env (numpy pencil beam, no CUDA): GPUID {values.get('GPUID')}, "
+            f"RandomSeed {values.get('RandomSeed', '0')}, input {source}"
+        )
         run = prepare(values, str(source))
         simulate(run, faults, key, attempt, started)
         say(f"Total execution time: {time.perf_counter() - started:.2f} s")

@@ -123,14 +123,14 @@ def test_dose_is_linear_in_mu_and_additive_over_layers():
     doubled = compute_dose(CUBE, (0, 0, 0), 30.0, [Layer(90.0, spots, 2 * low.mu)])
     np.testing.assert_allclose(doubled, 2 * single, rtol=1e-12)
     both = compute_dose(CUBE, (0, 0, 0), 30.0, [low, high])
-    np.testing.assert_allclose(both, single + compute_dose(CUBE, (0, 0, 0), 30.0, [high]),
-                               rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(
+        both, single + compute_dose(CUBE, (0, 0, 0), 30.0, [high]), rtol=1e-12, atol=1e-15
+    )
 
 
 # ---------------------------------------------------------------- command line
 
-ENGINE_GRID = PhantomGrid(dims=(50, 50, 50), spacing=(4.0, 4.0, 4.0),
-                          position=(-100.0, -100.0, -100.0))
+ENGINE_GRID = PhantomGrid(dims=(50, 50, 50), spacing=(4.0, 4.0, 4.0), position=(-100.0, -100.0, -100.0))
 # The sample case's treatment beams at gantry 0 and 90 (beam 1 is its SETUP field).
 BEAMS = {2: "1G000:TX", 3: "2G090:TX"}
 LAYERS = 3
@@ -140,12 +140,15 @@ LAYERS = 3
 def interpreted_case(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A sample case run through the interpreter stand-in: `<out>/plan/` and `<out>/log/`."""
     root = tmp_path_factory.mktemp("case")
-    case = write_sample_case(root / "scan", "CASE1", beams=len(BEAMS), layers=LAYERS,
-                             spots_per_layer=9)
+    case = write_sample_case(root / "scan", "CASE1", beams=len(BEAMS), layers=LAYERS, spots_per_layer=9)
     out = root / "interpreted"
-    subprocess.run([sys.executable, "-m", "standins.interpreter", "--logdir", str(case),
-                    "--outputdir", str(out)], env=engine_env(), check=True, capture_output=True,
-                   timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "standins.interpreter", "--logdir", str(case), "--outputdir", str(out)],
+        env=engine_env(),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     return out
 
 
@@ -173,16 +176,37 @@ def tps_values(**overrides: object) -> dict[str, object]:
     dx, dy, dz = ENGINE_GRID.spacing
     px, py, pz = ENGINE_GRID.position
     values: dict[str, object] = {
-        "GPUID": 0, "RandomSeed": 1234, "UseAbsolutePath": False, "TotalThreads": -1,
-        "MaxHistoriesPerBatch": 100000, "Verbosity": 0, "ParentDir": ".",
-        "DicomDir": "case/plan", "logFilePath": "case/log", "GantryNum": 2, "BeamNumbers": 2,
-        "UsingPhantomGeo": True, "TwoCentimeterMode": True,
-        "PhantomDimX": nx, "PhantomDimY": ny, "PhantomDimZ": nz,
-        "PhantomUnitX": dx, "PhantomUnitY": dy, "PhantomUnitZ": dz,
-        "PhantomPositionX": px, "PhantomPositionY": py, "PhantomPositionZ": pz,
-        "Scorer": "Dose", "SupressStd": True, "ReadStructure": False, "SourceType": "FluenceMap",
-        "SimulationType": "perBeam", "ScoreToCTGrid": False, "OutputDir": "out",
-        "OutputFormat": "raw", "OverwriteResults": False,
+        "GPUID": 0,
+        "RandomSeed": 1234,
+        "UseAbsolutePath": False,
+        "TotalThreads": -1,
+        "MaxHistoriesPerBatch": 100000,
+        "Verbosity": 0,
+        "ParentDir": ".",
+        "DicomDir": "case/plan",
+        "logFilePath": "case/log",
+        "GantryNum": 2,
+        "BeamNumbers": 2,
+        "UsingPhantomGeo": True,
+        "TwoCentimeterMode": True,
+        "PhantomDimX": nx,
+        "PhantomDimY": ny,
+        "PhantomDimZ": nz,
+        "PhantomUnitX": dx,
+        "PhantomUnitY": dy,
+        "PhantomUnitZ": dz,
+        "PhantomPositionX": px,
+        "PhantomPositionY": py,
+        "PhantomPositionZ": pz,
+        "Scorer": "Dose",
+        "SupressStd": True,
+        "ReadStructure": False,
+        "SourceType": "FluenceMap",
+        "SimulationType": "perBeam",
+        "ScoreToCTGrid": False,
+        "OutputDir": "out",
+        "OutputFormat": "raw",
+        "OverwriteResults": False,
     }
     values.update(overrides)
     return {key: value for key, value in values.items() if value is not None}
@@ -204,8 +228,14 @@ def engine_env(**faults: str) -> dict[str, str]:
 
 
 def run_engine(root: Path, input_name: str = "moqui_tps.in", **faults: str):
-    return subprocess.run(engine_command(input_name), cwd=root, env=engine_env(**faults),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        engine_command(input_name),
+        cwd=root,
+        env=engine_env(**faults),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def error_lines(stdout: str) -> list[str]:
@@ -213,8 +243,7 @@ def error_lines(stdout: str) -> list[str]:
 
 
 def output_path(root: Path, beam: int = 2, ext: str = "raw") -> Path:
-    name = OUTPUT_NAME_PATTERN.format(beam_name=BEAMS[beam], beam_number=beam, scorer="Dose",
-                                      ext=ext)
+    name = OUTPUT_NAME_PATTERN.format(beam_name=BEAMS[beam], beam_number=beam, scorer="Dose", ext=ext)
     return root / "out" / name
 
 
@@ -225,8 +254,7 @@ def test_engine_logs_progress_and_writes_the_raw_dose(engine_dir: Path):
     batches = LAYERS
     assert f"Simulating beam 2 (1G000:TX) with {batches} batches" in lines
     progress = [line for line in lines if line.startswith("Generating particles")]
-    assert progress == [f"Generating particles for ({k} of {batches} batches)"
-                        for k in range(1, batches + 1)]
+    assert progress == [f"Generating particles for ({k} of {batches} batches)" for k in range(1, batches + 1)]
     assert re.fullmatch(r"Total execution time: \d+\.\d\d s", lines[-1])
     assert not error_lines(result.stdout)
     output = output_path(engine_dir)
@@ -242,8 +270,7 @@ def test_engine_logs_progress_and_writes_the_raw_dose(engine_dir: Path):
 
 
 def test_engine_writes_npz_and_refuses_formats_it_cannot_write(engine_dir: Path):
-    result = run_engine(engine_dir, write_input(engine_dir, "npz.in", OutputFormat="npz",
-                                                BeamNumbers=3))
+    result = run_engine(engine_dir, write_input(engine_dir, "npz.in", OutputFormat="npz", BeamNumbers=3))
     assert result.returncode == 0, result.stdout + result.stderr
     with np.load(output_path(engine_dir, beam=3, ext="npz")) as saved:
         assert saved["dose"].shape == ENGINE_GRID.shape
@@ -270,8 +297,12 @@ def test_missing_key_is_an_error_naming_it(engine_dir: Path, key: str):
 
 @pytest.mark.parametrize(
     ("overrides", "named"),
-    [({"logFilePath": "case/nolog"}, "case/nolog"), ({"DicomDir": "case/noplan"}, "case/noplan"),
-     ({"BeamNumbers": 7}, "BeamNumbers 7"), ({"GantryNum": 0}, "GantryNum")],
+    [
+        ({"logFilePath": "case/nolog"}, "case/nolog"),
+        ({"DicomDir": "case/noplan"}, "case/noplan"),
+        ({"BeamNumbers": 7}, "BeamNumbers 7"),
+        ({"GantryNum": 0}, "GantryNum"),
+    ],
 )
 def test_bad_input_is_an_error_naming_the_culprit(engine_dir: Path, overrides, named: str):
     result = run_engine(engine_dir, write_input(engine_dir, "bad.in", **overrides))
@@ -306,8 +337,7 @@ def test_segfault_fault_dies_by_sigsegv(engine_dir: Path):
 
 
 def test_fault_keys_limit_the_fault_to_those_beams(engine_dir: Path):
-    result = run_engine(engine_dir, MQI_STANDIN_ENGINE_FAULT="error",
-                        MQI_STANDIN_ENGINE_FAULT_KEYS="3")
+    result = run_engine(engine_dir, MQI_STANDIN_ENGINE_FAULT="error", MQI_STANDIN_ENGINE_FAULT_KEYS="3")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -327,9 +357,13 @@ def test_fail_first_fails_the_first_launches_then_succeeds(engine_dir: Path, tmp
 
 def test_hang_fault_starts_then_never_finishes(engine_dir: Path, tmp_path: Path):
     log = tmp_path / "launches.jsonl"
-    with subprocess.Popen(engine_command("moqui_tps.in"), cwd=engine_dir, stdout=subprocess.PIPE,
-                          text=True, env=engine_env(MQI_STANDIN_ENGINE_FAULT="hang",
-                                                    MQI_STANDIN_LAUNCH_LOG=str(log))) as engine:
+    with subprocess.Popen(
+        engine_command("moqui_tps.in"),
+        cwd=engine_dir,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=engine_env(MQI_STANDIN_ENGINE_FAULT="hang", MQI_STANDIN_LAUNCH_LOG=str(log)),
+    ) as engine:
         try:
             assert engine.stdout is not None
             for line in engine.stdout:  # the progress line is flushed before the hang

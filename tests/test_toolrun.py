@@ -14,16 +14,25 @@ def script(tmp_path, body: str):
 
 
 def test_lines_followed_and_logged(tmp_path):
-    argv = script(tmp_path, """
+    argv = script(
+        tmp_path,
+        """
         import sys
         for k in range(3):
             print(f"line {k}", flush=True)
         print("to stderr", file=sys.stderr)
         sys.exit(3)
-    """)
+    """,
+    )
     seen = []
-    run = run_tool(argv, cwd=tmp_path, log_path=tmp_path / "logs" / "tool.log", timeout=30, poll=0.05,
-                   on_line=seen.append)
+    run = run_tool(
+        argv,
+        cwd=tmp_path,
+        log_path=tmp_path / "logs" / "tool.log",
+        timeout=30,
+        poll=0.05,
+        on_line=seen.append,
+    )
     assert run.returncode == 3 and not run.timed_out
     assert seen == ["line 0", "line 1", "line 2", "to stderr"]
     assert (tmp_path / "logs" / "tool.log").read_text().splitlines() == seen
@@ -32,13 +41,16 @@ def test_lines_followed_and_logged(tmp_path):
 
 def test_timeout_kills_the_process_group(tmp_path):
     child_pid_file = tmp_path / "child.pid"
-    argv = script(tmp_path, f"""
+    argv = script(
+        tmp_path,
+        f"""
         import subprocess, sys, time
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         open({str(child_pid_file)!r}, "w").write(str(child.pid))
         print("started", flush=True)
         time.sleep(600)
-    """)
+    """,
+    )
     run = run_tool(argv, cwd=tmp_path, log_path=tmp_path / "tool.log", timeout=1.5, poll=0.05)
     assert run.timed_out
     assert run.returncode is not None and run.returncode < 0
