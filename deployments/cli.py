@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from config import ConfigError, Settings, load_settings
+from deployments.prefect_env import apply_server_defaults
 
 console = Console()
 err_console = Console(stderr=True)
@@ -115,6 +117,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_case(args, case_dir)
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    """Run a Prefect server with the project's settings (leases on disk, no vacuum, loopback)."""
+    prefect = Path(sys.executable).with_name("prefect")
+    console.print(
+        f"Prefect UI: http://127.0.0.1:{args.port}  (in another shell: "
+        f"export PREFECT_API_URL=http://127.0.0.1:{args.port}/api)"
+    )
+    os.execv(prefect, [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(args.port)])
+    return 0  # not reached: execv replaces this process
+
+
 def cmd_sample_case(args: argparse.Namespace) -> int:
     from standins.sample_case import main as sample_main
 
@@ -145,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="write a sample case into the scan folder and run it end to end"
     ).set_defaults(func=cmd_demo)
 
+    server = sub.add_parser("server", help="run a local Prefect server (UI) with the project's settings")
+    server.add_argument("--port", type=int, default=4200)
+    server.set_defaults(func=cmd_server)
+
     sample = sub.add_parser("sample-case", help="write a synthetic case folder (see --help)", add_help=False)
     sample.add_argument("rest", nargs=argparse.REMAINDER)
     sample.set_defaults(func=cmd_sample_case)
@@ -153,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    apply_server_defaults()
     try:
         return args.func(args)
     except ConfigError as err:

@@ -1,0 +1,29 @@
+"""The Prefect server settings this project relies on, applied unless the user set them.
+
+Every `mqi` command that may start a Prefect server (the temporary one that
+`mqi run` / `mqi demo` start when PREFECT_API_URL is unset, or `mqi server`)
+gets these, because the defaults are wrong for us:
+- GPU leases must survive a server restart, or a restart leaks GPU slots for
+  good (the default lease storage is in memory);
+- analytics only adds "database is locked" noise on SQLite and phones home;
+- flow runs must never be vacuumed: the server is the record of every case.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+
+SERVER_DEFAULTS = {
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events",
+    "PREFECT_SERVER_API_HOST": "127.0.0.1",
+}
+
+
+def apply_server_defaults(env: MutableMapping[str, str] = os.environ) -> dict[str, str]:
+    """Set each default the environment does not already set; return what was applied."""
+    applied = {key: value for key, value in SERVER_DEFAULTS.items() if key not in env}
+    env.update(applied)
+    return applied
