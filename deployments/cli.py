@@ -70,18 +70,17 @@ def _print_outcome(settings: Settings, case_dir: Path, state: object) -> int:
     table = Table("file", "beam", "GPU", "attempts", "max dose (Gy)", title=f"outputs in {out_dir}")
     for prov_path in sorted(out_dir.glob("*.provenance.json")):
         prov = json.loads(prov_path.read_text(encoding="utf-8"))
-        beams = prov["beams"]
+        max_dose = f"{prov['max_dose_gy']:.3g}"
         if prov["summation"] == "BEAM":
-            beam = beams[0]
-            table.add_row(
-                prov["rtdose"],
+            beam = prov["beams"][0]
+            label, gpu, attempts = (
                 f"{beam['beam_number']} ({beam['beam_name']})",
-                str(beam["gpu"]),
-                str(beam["attempts"]),
-                "",
+                beam["gpu"],
+                beam["attempts"],
             )
+            table.add_row(prov["rtdose"], label, str(gpu), str(attempts), max_dose)
         else:
-            table.add_row(prov["rtdose"], "plan sum", "", "", "")
+            table.add_row(prov["rtdose"], "plan sum", "", "", max_dose)
     console.print(table)
     ok = state.is_completed()  # type: ignore[attr-defined]
     colour = "green" if ok else "red"

@@ -83,6 +83,7 @@ def _write_output(
         "rtdose": path.name,
         "rtdose_sha256": info.sha256,
         "dose_grid_scaling": info.scaling,
+        "max_dose_gy": info.max_dose_gy,
         "written": datetime.now(UTC).isoformat(),
         "beams": [_provenance(r) for r in engine_runs],
     }
