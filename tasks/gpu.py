@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from uuid import UUID
 
@@ -91,10 +91,14 @@ def _renew_until(stop: threading.Event, lease_id: UUID, duration: float) -> None
 
 @contextmanager
 def gpu_lease(
-    settings: Settings, holder: ConcurrencyLeaseHolder | None = None, wait_seconds: float = 0.5
+    settings: Settings,
+    holder: ConcurrencyLeaseHolder | None = None,
+    only: Sequence[int] | None = None,
+    wait_seconds: float = 0.5,
 ) -> Iterator[int]:
     """Hold one free GPU of the configured host for the duration of the block; yield its index.
 
+    `only` restricts the choice (an adopted job must hold the GPU it runs on).
     Tries each GPU's limit without waiting; when all are taken, waits a short
     interval and tries again (arrival order is not guaranteed here).
     """
@@ -102,7 +106,7 @@ def gpu_lease(
     with get_client(sync_client=True) as client:
         lease: tuple[UUID, int] | None = None
         while lease is None:
-            for index in settings.backend.gpus:
+            for index in settings.backend.gpus if only is None else only:
                 lease_id = _try_acquire(client, f"gpu-{host}-{index}", settings, holder)
                 if lease_id is not None:
                     lease = (lease_id, index)
