@@ -51,6 +51,28 @@ def ensure_gpu_limits(settings: Settings) -> list[str]:
     return names
 
 
+def gpu_status(settings: Settings) -> list[dict[str, object]]:
+    """One row per configured GPU: its limit and whether a slot is taken (the server's view)."""
+    rows: list[dict[str, object]] = []
+    with get_client(sync_client=True) as client:
+        for index, name in zip(settings.backend.gpus, settings.gpu_limit_names(), strict=True):
+            try:
+                limit = client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                rows.append({"gpu": index, "limit": name, "exists": False, "active": False, "leased": False})
+                continue
+            rows.append(
+                {
+                    "gpu": index,
+                    "limit": name,
+                    "exists": True,
+                    "active": limit.active,
+                    "leased": limit.active_slots > 0,
+                }
+            )
+    return rows
+
+
 class GpuLimitMissing(RuntimeError):
     """A configured GPU has no concurrency limit: refuse rather than run unlimited."""
 
