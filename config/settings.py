@@ -276,8 +276,12 @@ class Settings(Strict):
     def output_dir(self, case_id: str) -> Path:
         return self._path(self.paths.output_dir, case_id=case_id)
 
+    def gpu_limit_name(self, index: int) -> str:
+        """The Prefect global concurrency limit that stands for one GPU (limit 1)."""
+        return f"gpu-{self.backend.host}-{index}"
+
     def gpu_limit_names(self) -> list[str]:
-        return [f"gpu-{self.backend.host}-{index}" for index in self.backend.gpus]
+        return [self.gpu_limit_name(index) for index in self.backend.gpus]
 
 
 def python_executable() -> str:

@@ -18,7 +18,7 @@ def gpu_monitor(config: str | None = None) -> list[dict[str, object]]:
     """Publish the GPU table of the configured host; return its rows."""
     settings = load_settings(config)
     rows = gpu_status(settings)
-    busy = sum(1 for row in rows if row["leased"])
+    busy = sum(1 for row in rows if row["state"] == "leased")
     create_table_artifact(
         rows, key=f"gpus-{settings.backend.host}", description=f"{busy}/{len(rows)} GPUs leased"
     )

@@ -9,21 +9,31 @@ silently unlimited run.
 
 We talk to the lease API directly rather than through `concurrency()`:
 taking "any one free GPU of N" needs a non-blocking try per GPU, and
-`concurrency(max_retries=0)` logs every busy GPU as an error.
+`concurrency(max_retries=0)` logs every busy GPU as an error. Waiting is
+fair and cheap: within a process, beams queue in arrival order and only the
+head of the queue asks the server, every `POLL_SECONDS`, instead of every
+waiter sleeping on Retry-After. Each lease and release is also sent as an
+event (`mqi.gpu.leased` / `mqi.gpu.released`, resource `mqi.gpu.<host>.<index>`)
+so `mqi gpus` and the GPU monitor can say who holds a GPU and since when.
 """
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.events import emit_event
+from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_logger
 
@@ -32,44 +42,91 @@ from config.settings import Settings
 logger = get_logger("mqi.gpu")
 
 
-def ensure_gpu_limits(settings: Settings) -> list[str]:
-    """Create or update (idempotently) one active limit of 1 per configured GPU."""
-    names = settings.gpu_limit_names()
+POLL_SECONDS = 0.2  # how often the head of the waiting queue asks the server for a GPU
+LEASED, RELEASED = "mqi.gpu.leased", "mqi.gpu.released"
+
+
+def gpu_resource(host: str, index: int) -> str:
+    return f"mqi.gpu.{host}.{index}"
+
+
+def ensure_gpu_limits(settings: Settings) -> dict[str, list[str]]:
+    """Create or update (idempotently) one active limit of 1 per configured GPU.
+
+    Limits of this host's GPUs that are no longer configured are disabled, so
+    the Concurrency page shows they are out of service instead of leaving them
+    looking usable.
+    """
+    host = settings.backend.host
+    wanted = set(settings.gpu_limit_names())
+    done: dict[str, list[str]] = {"created": [], "updated": [], "unchanged": [], "disabled": []}
     with get_client(sync_client=True) as client:
-        for name in names:
-            try:
-                limit = client.read_global_concurrency_limit_by_name(name)
-            except ObjectNotFound:
+        existing = {limit.name: limit for limit in client.read_global_concurrency_limits(limit=200)}
+        for name in sorted(wanted):
+            limit = existing.get(name)
+            if limit is None:
                 client.create_global_concurrency_limit(
                     GlobalConcurrencyLimitCreate(name=name, limit=1, active=True)
                 )
-                continue
-            if limit.limit != 1 or not limit.active:
+                done["created"].append(name)
+            elif limit.limit != 1 or not limit.active:
                 client.update_global_concurrency_limit(
                     name, GlobalConcurrencyLimitUpdate(limit=1, active=True)
                 )
-    return names
+                done["updated"].append(name)
+            else:
+                done["unchanged"].append(name)
+        for name, limit in sorted(existing.items()):
+            if name.startswith(f"gpu-{host}-") and name not in wanted and limit.active:
+                client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active=False))
+                done["disabled"].append(name)
+    return done
+
+
+def _last_lease_event(client: SyncPrefectClient, resource_id: str) -> dict[str, object] | None:
+    """The newest lease/release event of one GPU in the last day: who holds it, since when."""
+    page = client.read_events(
+        filter=EventFilter(
+            occurred=EventOccurredFilter(since=datetime.now(UTC) - timedelta(days=1)),
+            event=EventNameFilter(name=[LEASED, RELEASED]),
+            resource=EventResourceFilter(id=[resource_id]),
+        ),
+        limit=1,
+    )
+    if not page.events:
+        return None
+    event = page.events[0]  # newest first
+    return {"event": event.event, "since": event.occurred, **event.payload}
 
 
 def gpu_status(settings: Settings) -> list[dict[str, object]]:
-    """One row per configured GPU: its limit and whether a slot is taken (the server's view)."""
+    """One row per configured GPU: limit state from the server, holder from the lease events."""
     rows: list[dict[str, object]] = []
     with get_client(sync_client=True) as client:
-        for index, name in zip(settings.backend.gpus, settings.gpu_limit_names(), strict=True):
+        for index in settings.backend.gpus:
+            name = settings.gpu_limit_name(index)
+            row: dict[str, object] = {
+                "gpu": index,
+                "limit": name,
+                "state": "missing limit",
+                "case": "",
+                "beam": "",
+                "since": "",
+            }
             try:
                 limit = client.read_global_concurrency_limit_by_name(name)
             except ObjectNotFound:
-                rows.append({"gpu": index, "limit": name, "exists": False, "active": False, "leased": False})
+                rows.append(row)
                 continue
-            rows.append(
-                {
-                    "gpu": index,
-                    "limit": name,
-                    "exists": True,
-                    "active": limit.active,
-                    "leased": limit.active_slots > 0,
-                }
-            )
+            row["state"] = "disabled" if not limit.active else "leased" if limit.active_slots else "free"
+            last = _last_lease_event(client, gpu_resource(settings.backend.host, index))
+            if row["state"] == "leased" and last and last["event"] == LEASED:
+                row.update(
+                    case=last.get("case_id", ""),
+                    beam=last.get("beam", ""),
+                    since=last["since"].isoformat(timespec="seconds"),
+                )  # type: ignore[union-attr]
+            rows.append(row)
     return rows
 
 
@@ -111,33 +168,93 @@ def _renew_until(stop: threading.Event, lease_id: UUID, duration: float) -> None
                 logger.warning("could not renew GPU lease %s: %s", lease_id, error)
 
 
+class _Queue:
+    """Arrival order for the beams of this process waiting for any GPU of one host."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._tickets: deque[object] = deque()
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        ticket = object()
+        with self._cond:
+            self._tickets.append(ticket)
+            self._cond.wait_for(lambda: self._tickets[0] is ticket)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._tickets.popleft()
+                self._cond.notify_all()
+
+
+_queues: dict[str, _Queue] = {}
+_queues_lock = threading.Lock()
+
+
+def _queue(host: str) -> _Queue:
+    with _queues_lock:
+        return _queues.setdefault(host, _Queue())
+
+
+SkipReason = Callable[[int], str | None]
+
+
+def _acquire(
+    client: SyncPrefectClient,
+    settings: Settings,
+    holder: ConcurrencyLeaseHolder | None,
+    candidates: Sequence[int],
+    skip: SkipReason | None,
+) -> tuple[UUID, int]:
+    """Poll until one of `candidates` is free (and not in use outside our control)."""
+    host = settings.backend.host
+    told: dict[int, str] = {}
+    while True:
+        for index in candidates:
+            reason = skip(index) if skip is not None else None
+            if reason is not None:
+                if told.get(index) != reason:
+                    logger.info("passing over GPU %s on %s: %s", index, host, reason)
+                    told[index] = reason
+                continue
+            lease_id = _try_acquire(client, settings.gpu_limit_name(index), settings, holder)
+            if lease_id is not None:
+                return lease_id, index
+        time.sleep(POLL_SECONDS)  # polling the server is the wait; it is the only coordinator
+
+
 @contextmanager
 def gpu_lease(
     settings: Settings,
     holder: ConcurrencyLeaseHolder | None = None,
     only: Sequence[int] | None = None,
-    wait_seconds: float = 0.5,
+    skip: SkipReason | None = None,
+    who: Mapping[str, str] | None = None,
 ) -> Iterator[int]:
     """Hold one free GPU of the configured host for the duration of the block; yield its index.
 
-    `only` restricts the choice (an adopted job must hold the GPU it runs on).
-    Tries each GPU's limit without waiting; when all are taken, waits a short
-    interval and tries again (arrival order is not guaranteed here).
+    `only` restricts the choice (an adopted job must hold the GPU it runs on);
+    `skip(index)` returns why a GPU must be passed over (e.g. nvidia-smi shows
+    a foreign process); `who` (case_id, beam) is published with the lease.
     """
     host, duration = settings.backend.host, settings.backend.gpu_lease_seconds
     with get_client(sync_client=True) as client:
-        lease: tuple[UUID, int] | None = None
-        while lease is None:
-            for index in settings.backend.gpus if only is None else only:
-                lease_id = _try_acquire(client, f"gpu-{host}-{index}", settings, holder)
-                if lease_id is not None:
-                    lease = (lease_id, index)
-                    break
-            else:
-                time.sleep(wait_seconds)  # every GPU is busy: try again shortly
-        lease_id, index = lease
+        if only is None:
+            with _queue(host).turn():
+                lease_id, index = _acquire(client, settings, holder, settings.backend.gpus, skip)
+        else:
+            lease_id, index = _acquire(client, settings, holder, only, skip)
+        resource = {
+            "prefect.resource.id": gpu_resource(host, index),
+            "prefect.resource.name": settings.gpu_limit_name(index),
+        }
+        emit_event(LEASED, resource=resource, payload={**(who or {}), "lease_id": str(lease_id)})
         stop = threading.Event()
-        renewer = threading.Thread(target=_renew_until, args=(stop, lease_id, duration), daemon=True)
+        renewer = threading.Thread(  # with our context: the same Prefect settings and server
+            target=contextvars.copy_context().run, args=(_renew_until, stop, lease_id, duration), daemon=True
+        )
         renewer.start()
         try:
             yield index
@@ -148,3 +265,4 @@ def gpu_lease(
                 client.release_concurrency_slots_with_lease(lease_id)
             except Exception as error:  # the lease still expires on its own
                 logger.warning("could not release GPU %s lease %s: %s", index, lease_id, error)
+            emit_event(RELEASED, resource=resource, payload={**(who or {}), "lease_id": str(lease_id)})

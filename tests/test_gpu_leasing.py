@@ -1,0 +1,209 @@
+"""GPU leasing against a real Prefect server: pinned, never oversubscribed, leak-proof."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+
+from config import load_settings
+from standins.sample_case import write_sample_case
+from tasks.gpu import GpuLimitMissing, ensure_gpu_limits, gpu_lease, gpu_status
+from tasks.moqui_input import read_tps
+from tests.conftest import write_config
+from tests.local_server import LocalServer
+
+pytestmark = pytest.mark.integration
+
+HOLDER = """
+import sys
+from config import load_settings
+from tasks.gpu import gpu_lease
+settings = load_settings(sys.argv[1], env={})
+with gpu_lease(settings, who={"case_id": "HOLDER", "beam": sys.argv[2]}) as gpu:
+    print(f"holding {gpu}", flush=True)
+    sys.stdin.readline()  # hold the GPU until told to let go (or killed)
+print("released", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[LocalServer]:
+    local = LocalServer(tmp_path_factory.mktemp("prefect-home"))
+    local.start()
+    yield local
+    local.stop()
+
+
+@pytest.fixture
+def use_server(server, monkeypatch) -> LocalServer:
+    """Point this process's Prefect client at the local server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("PREFECT_API_URL", server.api_url)
+    with temporary_settings({PREFECT_API_URL: server.api_url}):
+        yield server
+
+
+def leased(settings, index: int) -> bool:
+    with get_client(sync_client=True) as client:
+        return client.read_global_concurrency_limit_by_name(settings.gpu_limit_name(index)).active_slots > 0
+
+
+def wait_for(read, ok, timeout: float = 60):
+    """Re-read until `ok` holds (events reach the server asynchronously); fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if ok(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+def start_holder(server: LocalServer, config: Path, beam: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(config), beam],
+        env=server.env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return proc
+
+
+def test_three_cases_of_four_beams_share_two_gpus_without_overlap(use_server, tmp_path):
+    config = write_config(tmp_path, {"backend": {"host": "share", "gpus": [0, 1]}})
+    settings = load_settings(config, env={})
+    launch_log = tmp_path / "launches.jsonl"
+    env = {**use_server.env(), "MQI_STANDIN_LAUNCH_LOG": str(launch_log), "MQI_STANDIN_ENGINE_DURATION": "1"}
+    cases = [write_sample_case(settings.scan_dir, f"SHARE{k}", beams=4) for k in range(3)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "deployments.cli", "--config", str(config), "run", str(c)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for c in cases
+    ]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], outputs[0][-3000:]
+
+    lines = launch_log.read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if r["tool"] == "engine"]
+    starts = {r["pid"]: r for r in records if r["event"] == "start"}
+    ends = {r["pid"]: r for r in records if r["event"] == "end"}
+    assert len(starts) == 12 and set(starts) == set(ends)
+    per_gpu: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for pid, start in starts.items():
+        per_gpu[str(start["gpu"])].append((start["time"], ends[pid]["time"]))
+        assert read_tps(Path(start["input"]))["GPUID"] == str(start["gpu"])  # pinned to the leased GPU
+    assert set(per_gpu) <= {"0", "1"}
+    for gpu, spans in per_gpu.items():
+        spans.sort()
+        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+            assert start >= end, f"two engines on GPU {gpu} at once"
+    events = sorted(
+        [(s, 1) for spans in per_gpu.values() for s, _ in spans]
+        + [(e, -1) for spans in per_gpu.values() for _, e in spans]
+    )
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert peak <= 2
+    assert not leased(settings, 0) and not leased(settings, 1)
+
+
+def test_missing_limit_is_an_error_not_an_unlimited_run(use_server, tmp_path):
+    settings = load_settings(write_config(tmp_path, {"backend": {"host": "nolimits", "gpus": [0]}}), env={})
+    with pytest.raises(GpuLimitMissing, match="gpu-nolimits-0 does not exist"), gpu_lease(settings):
+        pass
+
+
+def test_gpu_in_use_by_others_is_passed_over(use_server, tmp_path):
+    settings = load_settings(write_config(tmp_path, {"backend": {"host": "foreign", "gpus": [0, 1]}}), env={})
+    ensure_gpu_limits(settings)
+    asked = threading.Semaphore(0)
+
+    def skip(index: int) -> str | None:
+        if index == 0:
+            asked.release()
+            return "1 foreign compute process (pid 4242)"
+        return None
+
+    got: list[int] = []
+    with gpu_lease(settings) as first:  # GPU 0 looks free to Prefect, GPU 1 we hold here
+        assert first == 0
+    with gpu_lease(settings, only=[1]):
+        wait_for_gpu = lambda: got.append(gpu_lease(settings, skip=skip).__enter__())  # noqa: E731
+        waiter = threading.Thread(target=contextvars.copy_context().run, args=(wait_for_gpu,))
+        waiter.start()
+        for _ in range(3):  # the waiter has looked at GPU 0 three times and passed it over
+            assert asked.acquire(timeout=60)
+        assert not leased(settings, 0) and got == []
+    waiter.join(timeout=60)
+    assert got == [1]
+
+
+def test_killed_holder_gpu_returns_after_its_lease_expires(use_server, tmp_path):
+    config = write_config(tmp_path, {"backend": {"host": "killed", "gpus": [0], "gpu_lease_seconds": 60}})
+    settings = load_settings(config, env={})
+    ensure_gpu_limits(settings)
+    first = start_holder(use_server, config, "1")
+    assert first.stdout.readline().strip() == "holding 0"
+    status = wait_for(lambda: gpu_status(settings)[0], lambda row: row["case"] == "HOLDER")
+    assert status["state"] == "leased" and status["beam"] == "1" and status["since"]
+    first.kill()  # SIGKILL: no release, no more renewals
+    first.wait()
+    second = start_holder(use_server, config, "2")
+    try:
+        assert second.stdout.readline().strip() == "holding 0"  # after expiry (60 s) + reclaim
+        second.stdin.write("\n")
+        second.stdin.flush()
+        assert second.stdout.readline().strip() == "released"
+    finally:
+        second.kill()
+    assert not leased(settings, 0)
+
+
+def test_server_restart_while_a_gpu_is_held_leaks_no_slot(use_server, tmp_path):
+    config = write_config(tmp_path, {"backend": {"host": "restart", "gpus": [0]}})
+    settings = load_settings(config, env={})
+    ensure_gpu_limits(settings)
+    holder = start_holder(use_server, config, "1")
+    try:
+        assert holder.stdout.readline().strip() == "holding 0"
+        use_server.stop()
+        use_server.start()
+        assert leased(settings, 0)
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "released"
+        assert holder.wait(timeout=60) == 0
+    finally:
+        holder.kill()
+    assert not leased(settings, 0)
+
+
+def test_sync_creates_updates_and_disables(use_server, tmp_path):
+    four = load_settings(write_config(tmp_path, {"backend": {"host": "sync", "gpus": [0, 1, 2, 3]}}), env={})
+    assert ensure_gpu_limits(four)["created"] == four.gpu_limit_names()
+    assert ensure_gpu_limits(four)["unchanged"] == four.gpu_limit_names()  # idempotent
+    two = load_settings(write_config(tmp_path, {"backend": {"host": "sync", "gpus": [0, 1]}}), env={})
+    assert ensure_gpu_limits(two)["disabled"] == ["gpu-sync-2", "gpu-sync-3"]
+    with get_client(sync_client=True) as client:
+        assert not client.read_global_concurrency_limit_by_name("gpu-sync-3").active
+    assert ensure_gpu_limits(four)["updated"] == ["gpu-sync-2", "gpu-sync-3"]
+    assert os.environ["PREFECT_API_URL"] == use_server.api_url
