@@ -291,7 +291,8 @@ def process_age() -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the engine on one input file; the return value is the process exit code."""
-    started = time.perf_counter() - process_age()
+    age = process_age()
+    started = time.perf_counter() - age
     args = sys.argv[1:] if argv is None else list(argv)
     if len(args) != 1:
         say("ERROR: usage: python -m standins.tps_env <input.in>")
@@ -309,7 +310,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     faults = Faults.from_env("ENGINE")
     attempt = faults.previous_launches(key) + 1
     faults.record(
-        "start", key, gpu=_gpu_id(values.get("GPUID")), input=str(source), cwd=os.getcwd(), attempt=attempt
+        "start",
+        key,
+        gpu=_gpu_id(values.get("GPUID")),
+        input=str(source),
+        cwd=os.getcwd(),
+        attempt=attempt,
+        launched=time.time() - age,  # when the process started, before Python's own start-up
     )
     code = 1
     try:

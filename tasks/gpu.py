@@ -34,7 +34,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalC
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.events import emit_event
 from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_logger
 
 from config.settings import Settings
@@ -42,7 +42,7 @@ from config.settings import Settings
 logger = get_logger("mqi.gpu")
 
 
-POLL_SECONDS = 0.2  # how often the head of the waiting queue asks the server for a GPU
+POLL_SECONDS = 0.1  # how often the head of the waiting queue asks the server for a GPU
 LEASED, RELEASED = "mqi.gpu.leased", "mqi.gpu.released"
 
 
@@ -65,10 +65,13 @@ def ensure_gpu_limits(settings: Settings) -> dict[str, list[str]]:
         for name in sorted(wanted):
             limit = existing.get(name)
             if limit is None:
-                client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=name, limit=1, active=True)
-                )
-                done["created"].append(name)
+                try:
+                    client.create_global_concurrency_limit(
+                        GlobalConcurrencyLimitCreate(name=name, limit=1, active=True)
+                    )
+                    done["created"].append(name)
+                except ObjectAlreadyExists:  # another case run created it just now: same limit
+                    done["unchanged"].append(name)
             elif limit.limit != 1 or not limit.active:
                 client.update_global_concurrency_limit(
                     name, GlobalConcurrencyLimitUpdate(limit=1, active=True)
@@ -201,6 +204,24 @@ def _queue(host: str) -> _Queue:
 SkipReason = Callable[[int], str | None]
 
 
+def _free_gpus(client: SyncPrefectClient, settings: Settings, candidates: Sequence[int]) -> list[int]:
+    """The candidates whose limit shows a free slot, in order, from one read of the server.
+
+    Reading first keeps waiting cheap for the server: a failed slot increment
+    is a write (and a second query for Retry-After) on a database that every
+    case run also writes to; a read of all limits is one light query.
+    """
+    wanted = {settings.gpu_limit_name(index): index for index in candidates}
+    limits = {limit.name: limit for limit in client.read_global_concurrency_limits(limit=200)}
+    missing = sorted(set(wanted) - set(limits))
+    if missing:
+        raise GpuLimitMissing(
+            f"GPU limit(s) {', '.join(missing)} do not exist on the Prefect server; "
+            "run `mqi gpus sync` or start via mqi"
+        )
+    return [index for name, index in wanted.items() if limits[name].active and limits[name].active_slots == 0]
+
+
 def _acquire(
     client: SyncPrefectClient,
     settings: Settings,
@@ -208,11 +229,11 @@ def _acquire(
     candidates: Sequence[int],
     skip: SkipReason | None,
 ) -> tuple[UUID, int]:
-    """Poll until one of `candidates` is free (and not in use outside our control)."""
+    """Poll until one of `candidates` is free (and not in use outside our control); take it."""
     host = settings.backend.host
     told: dict[int, str] = {}
     while True:
-        for index in candidates:
+        for index in _free_gpus(client, settings, candidates):
             reason = skip(index) if skip is not None else None
             if reason is not None:
                 if told.get(index) != reason:
@@ -220,7 +241,7 @@ def _acquire(
                     told[index] = reason
                 continue
             lease_id = _try_acquire(client, settings.gpu_limit_name(index), settings, holder)
-            if lease_id is not None:
+            if lease_id is not None:  # None: another process took it between our read and our write
                 return lease_id, index
         time.sleep(POLL_SECONDS)  # polling the server is the wait; it is the only coordinator
 

@@ -107,7 +107,7 @@ def test_three_cases_of_four_beams_share_two_gpus_without_overlap(use_server, tm
     assert len(starts) == 12 and set(starts) == set(ends)
     per_gpu: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for pid, start in starts.items():
-        per_gpu[str(start["gpu"])].append((start["time"], ends[pid]["time"]))
+        per_gpu[str(start["gpu"])].append((start["launched"], ends[pid]["time"]))
         assert read_tps(Path(start["input"]))["GPUID"] == str(start["gpu"])  # pinned to the leased GPU
     assert set(per_gpu) <= {"0", "1"}
     for gpu, spans in per_gpu.items():
