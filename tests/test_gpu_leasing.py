@@ -207,3 +207,18 @@ def test_sync_creates_updates_and_disables(use_server, tmp_path):
         assert not client.read_global_concurrency_limit_by_name("gpu-sync-3").active
     assert ensure_gpu_limits(four)["updated"] == ["gpu-sync-2", "gpu-sync-3"]
     assert os.environ["PREFECT_API_URL"] == use_server.api_url
+
+
+def test_gpu_monitor_publishes_the_gpu_table(use_server, tmp_path):
+    from flows.gpu_monitor import gpu_monitor
+
+    config = write_config(tmp_path, {"backend": {"host": "monitor", "gpus": [0, 1]}})
+    settings = load_settings(config, env={})
+    ensure_gpu_limits(settings)
+    with gpu_lease(settings, only=[1], who={"case_id": "MON1", "beam": "2 (1G000:TX)"}):
+        rows = wait_for(lambda: gpu_monitor(str(config)), lambda rows: rows[1]["case"] == "MON1")
+    assert [(row["gpu"], row["state"]) for row in rows] == [(0, "free"), (1, "leased")]
+    assert rows[1]["beam"] == "2 (1G000:TX)"
+    with get_client(sync_client=True) as client:
+        artifact = client.read_latest_artifacts(limit=200)
+    assert any(a.key == "gpus-monitor" and a.type == "table" for a in artifact)
