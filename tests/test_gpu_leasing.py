@@ -128,7 +128,7 @@ def test_three_cases_of_four_beams_share_two_gpus_without_overlap(use_server, tm
 
 def test_missing_limit_is_an_error_not_an_unlimited_run(use_server, tmp_path):
     settings = load_settings(write_config(tmp_path, {"backend": {"host": "nolimits", "gpus": [0]}}), env={})
-    with pytest.raises(GpuLimitMissing, match="gpu-nolimits-0 does not exist"), gpu_lease(settings):
+    with pytest.raises(GpuLimitMissing, match="gpu-nolimits-0 do not exist"), gpu_lease(settings):
         pass
 
 
@@ -213,12 +213,15 @@ def test_gpu_monitor_publishes_the_gpu_table(use_server, tmp_path):
     from flows.gpu_monitor import gpu_monitor
 
     config = write_config(tmp_path, {"backend": {"host": "monitor", "gpus": [0, 1]}})
-    settings = load_settings(config, env={})
-    ensure_gpu_limits(settings)
-    with gpu_lease(settings, only=[1], who={"case_id": "MON1", "beam": "2 (1G000:TX)"}):
-        rows = wait_for(lambda: gpu_monitor(str(config)), lambda rows: rows[1]["case"] == "MON1")
-    assert [(row["gpu"], row["state"]) for row in rows] == [(0, "free"), (1, "leased")]
-    assert rows[1]["beam"] == "2 (1G000:TX)"
+    ensure_gpu_limits(load_settings(config, env={}))
+    holder = start_holder(use_server, config, "2 (1G000:TX)")  # another process, as in production
+    try:
+        assert holder.stdout.readline().strip() == "holding 0"
+        rows = wait_for(lambda: gpu_monitor(str(config)), lambda rows: rows[0]["case"] == "HOLDER")
+    finally:
+        holder.kill()
+    assert [(row["gpu"], row["state"]) for row in rows] == [(0, "leased"), (1, "free")]
+    assert rows[0]["beam"] == "2 (1G000:TX)" and rows[0]["since"]
     with get_client(sync_client=True) as client:
-        artifact = client.read_latest_artifacts(limit=200)
-    assert any(a.key == "gpus-monitor" and a.type == "table" for a in artifact)
+        artifacts = client.read_latest_artifacts(limit=200)
+    assert any(a.key == "gpus-monitor" and a.type == "table" for a in artifacts)
