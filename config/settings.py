@@ -8,6 +8,7 @@ names that field may use, and each error names the key and the file.
 
 from __future__ import annotations
 
+import re
 import string
 import sys
 from pathlib import Path
@@ -200,7 +201,9 @@ class TpsSettings(Strict):
 
 
 class BackendSettings(Strict):
-    kind: Literal["local"] = Field("local", description="Where engines run.")
+    kind: Literal["local", "ssh"] = Field(
+        "local", description="Where engines run: this machine, or the GPU host of the ssh: section."
+    )
     host: str = Field(
         "local",
         pattern=r"^[a-z0-9][a-z0-9-]{0,40}$",
@@ -210,6 +213,11 @@ class BackendSettings(Strict):
     gpu_lease_seconds: float = Field(
         120, ge=60, description="A dead holder's GPU is freed about this long after it died."
     )
+    nvidia_smi: list[str] = Field(
+        default=["nvidia-smi"],
+        min_length=1,
+        description="argv of nvidia-smi on the GPU host (`mqi gpus`); the queries are appended.",
+    )
 
     @field_validator("gpus")
     @classmethod
@@ -217,6 +225,97 @@ class BackendSettings(Strict):
         if len(set(value)) != len(value) or min(value) < 0:
             raise ValueError("GPU indices must be distinct and >= 0")
         return value
+
+
+REMOTE_ENGINE_FIELDS = {"input", "case_id", "beam_number", "gpu"}
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+def absolute_posix(value: str) -> str:
+    if not value.startswith("/") or any(c in value for c in "\0\n\r"):
+        raise ValueError(f"{value!r} must be an absolute path on the GPU host")
+    return value
+
+
+class SshSettings(Strict):
+    """The GPU host reached over SSH (backend.kind: ssh). Names of secrets only, never secrets."""
+
+    host: str = Field(pattern=r"^[A-Za-z0-9._:-]+$", description="Host name or address of the GPU node.")
+    port: int = Field(22, ge=1, le=65535)
+    user: str = Field(pattern=r"^[A-Za-z0-9._][A-Za-z0-9._-]*$")
+    key_file: str | None = Field(
+        None, description="Private key file; relative paths resolve beside the config file."
+    )
+    key_passphrase_env: str | None = Field(
+        None, pattern=ENV_NAME, description="Name of the environment variable holding the key's passphrase."
+    )
+    key_passphrase_secret_block: str | None = Field(
+        None, min_length=1, description="Name of the Prefect Secret block holding the key's passphrase."
+    )
+    allow_agent: bool = Field(True, description="Also offer the keys of a running ssh-agent (SSH_AUTH_SOCK).")
+    known_hosts: str = Field(
+        "~/.ssh/known_hosts",
+        description="The host's key must be in this file; unknown or changed keys are refused.",
+    )
+    remote_root: str = Field(
+        description="Job folders on the host: <remote_root>/<case id>/beam-NN/<input hash>/."
+    )
+    engine_dir: str = Field(description="The engine's directory on the host; it runs with this cwd.")
+    engine_command: list[str] = Field(
+        min_length=1, description="argv of tps_env on the host, e.g. [/opt/moqui/tps_env, '{input}']."
+    )
+    forward_env: list[str] = Field(
+        default=[], description="Environment variables passed from here to the engine (e.g. CUDA settings)."
+    )
+    poll_seconds: float = Field(3, gt=0, le=60, description="How often a running job's log and exit are read")
+    connect_timeout_seconds: float = Field(20, gt=0, description="TCP connect, banner, key exchange, auth.")
+    command_timeout_seconds: float = Field(
+        60, gt=0, description="Longest silence allowed on any SSH channel or SFTP operation."
+    )
+    keepalive_seconds: float = Field(15, ge=0, description="SSH keepalive interval; 0 disables.")
+    reconnect_seconds: float = Field(
+        900, ge=0, description="How long following a job keeps reconnecting after the connection is lost."
+    )
+    max_sessions: int = Field(
+        8, ge=1, le=64, description="Channels open at once on the one connection (sshd's MaxSessions is 10)."
+    )
+    compression: Literal["auto", "zstd", "none"] = Field(
+        "auto", description="Compress dose with zstd on the host before download; auto: if zstd is there."
+    )
+    cleanup: Literal["keep", "delete_on_success"] = Field(
+        "delete_on_success", description="Remove a beam's job folder on the host after a verified download."
+    )
+
+    @field_validator("remote_root", "engine_dir")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        return absolute_posix(value)
+
+    @field_validator("engine_command")
+    @classmethod
+    def _command(cls, value: list[str]) -> list[str]:
+        return require_placeholders(value, REMOTE_ENGINE_FIELDS, {"input"})
+
+    @field_validator("forward_env")
+    @classmethod
+    def _env_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.match(ENV_NAME, name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+        return value
+
+    @field_validator("key_file")
+    @classmethod
+    def _key_is_a_path(cls, value: str | None) -> str | None:
+        if value is not None and ("PRIVATE KEY" in value or "\n" in value):
+            raise ValueError("must be the path of a key file; a key never belongs in the config")
+        return value
+
+    @model_validator(mode="after")
+    def _one_passphrase_source(self) -> SshSettings:
+        if self.key_passphrase_env and self.key_passphrase_secret_block:
+            raise ValueError("set key_passphrase_env or key_passphrase_secret_block, not both")
+        return self
 
 
 class DicomSettings(Strict):
@@ -228,6 +327,49 @@ class DicomSettings(Strict):
     )
 
 
+class SensorSettings(Strict):
+    """The file sensor: when a case folder in the scan folder becomes a case run."""
+
+    poll_seconds: float = Field(
+        0.5, gt=0, le=60, description="How often the scan folder is checked for new or changed cases."
+    )
+    rescan_seconds: float = Field(
+        300,
+        gt=0,
+        description="How often every case's file list is read again (files rewritten in place "
+        "do not change a folder's timestamp, so only this finds them).",
+    )
+    quiet_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="null: a case is ready only with the ready marker; a number: also once no file "
+        "has changed for this long (sources that write no marker).",
+    )
+    incomplete_report_seconds: float = Field(
+        600,
+        ge=0,
+        description="A ready case with fewer delivery folders than treatment beams waits; after this "
+        "long it is reported (log and an mqi.case.incomplete event).",
+    )
+    room_folders: list[str] = Field(
+        default=["G1", "G2"],
+        description="Subfolders of the scan folder that hold the cases of one gantry room (scan/G2/<case>).",
+    )
+    case_deployment: str = Field(
+        "process-case/case",
+        pattern=r"^[^/]+/[^/]+$",
+        description="The deployment that runs a case: '<flow name>/<deployment name>' (prefect.yaml).",
+    )
+
+    @field_validator("room_folders")
+    @classmethod
+    def _rooms(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or name in (".", "..") or "/" in name or "\\" in name:
+                raise ValueError(f"{name!r} is not a folder name")
+        return value
+
+
 class Settings(Strict):
     data_root: str = Field("../data", description="Relative paths resolve against the config file's folder.")
     paths: PathSettings = PathSettings()
@@ -236,13 +378,24 @@ class Settings(Strict):
     engine: EngineSettings = EngineSettings()
     tps: TpsSettings = TpsSettings()
     backend: BackendSettings = BackendSettings()
+    ssh: SshSettings | None = None
     dicom: DicomSettings = DicomSettings()
+    sensor: SensorSettings = SensorSettings()
     _source: Path | None = PrivateAttr(None)  # the config file; relative paths resolve beside it
 
     @model_validator(mode="after")
     def _root_is_concrete(self) -> Settings:
         if placeholders(self.data_root):
             raise ValueError("data_root cannot contain placeholders")
+        return self
+
+    @model_validator(mode="after")
+    def _backend_has_its_section(self) -> Settings:
+        if self.backend.kind == "ssh" and self.ssh is None:
+            raise ValueError(
+                "backend.kind is ssh but there is no ssh: section "
+                "(host, user, remote_root, engine_dir, engine_command; see config/examples/hpc-ssh.yaml)"
+            )
         return self
 
     # -- resolved paths ----------------------------------------------------
@@ -269,6 +422,11 @@ class Settings(Strict):
     @property
     def engine_dir(self) -> Path:
         return self._path(self.engine.workdir)
+
+    def config_path(self, value: str) -> Path:
+        """A plain path from the config (not a template): `~` expanded, relative to the config's folder."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self._base() / path
 
     def work_dir(self, case_id: str) -> Path:
         return self._path(self.paths.work_dir, case_id=case_id)

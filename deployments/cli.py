@@ -133,6 +133,81 @@ def cmd_sample_case(args: argparse.Namespace) -> int:
     return sample_main(args.rest)
 
 
+def cmd_gpus(args: argparse.Namespace) -> int:
+    """nvidia-smi on the GPU host (this machine or the node over SSH), and who holds each GPU's lease."""
+    from dataclasses import asdict
+
+    from tasks.errors import PermanentError, ToolError
+    from tasks.gpu import ensure_gpu_limits, gpu_status
+    from tasks.nvidia_smi import GpuQueryError, gpu_report
+
+    settings = _settings(args)
+    if args.action == "sync":  # the Prefect limits gpu-<host>-<index> for backend.gpus
+        done = ensure_gpu_limits(settings)
+        console.print("; ".join(f"{what}: {' '.join(names)}" for what, names in done.items() if names))
+        return 0
+    try:
+        report = gpu_report(settings)
+    except (GpuQueryError, PermanentError, ToolError) as error:
+        err_console.print(f"[red]error[/red]: {error}")
+        return 1
+    leases = {}
+    if os.environ.get("PREFECT_API_URL"):  # only a running server knows the leases
+        leases = {row["gpu"]: row for row in gpu_status(settings)}
+    if args.json:
+        print(json.dumps({**asdict(report), "leases": list(leases.values())}, indent=2, default=str))
+        return 0
+    table = Table("GPU", "name", "memory used/total MiB", "temp °C", "util %", "lease", "processes")
+
+    def shown(value: object) -> str:
+        return "-" if value is None else str(value)
+
+    for gpu in report.gpus:
+        lease = leases.get(gpu.index, {})
+        held = f"{lease['state']} {lease['case']} {lease['beam']}".strip() if lease else ""
+        configured = "" if gpu.index in settings.backend.gpus else " (not in backend.gpus)"
+        table.add_row(
+            f"{gpu.index}{configured}",
+            gpu.name,
+            f"{shown(gpu.memory_used_mib)}/{shown(gpu.memory_total_mib)}",
+            shown(gpu.temperature_c),
+            shown(gpu.utilization_pct),
+            held,
+            "\n".join(f"{shown(p.pid)} {p.name} ({shown(p.used_memory_mib)} MiB)" for p in gpu.processes),
+        )
+    console.print(f"GPUs on {report.where}: {len(report.gpus)}")
+    console.print(table)
+    for problem in report.problems:
+        err_console.print(f"[yellow]warning[/yellow]: {problem}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """The service in the foreground: server, deployments, worker, file sensor; Ctrl-C stops them."""
+    from config import config_path
+    from deployments.service import up
+
+    return up(
+        _settings(args),
+        config_path(args.config),
+        port=args.port,
+        worker_poll=args.worker_poll,
+        warm=not args.plain_worker,
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from deployments.service import print_status
+
+    return print_status(_settings(args), args.port, args.limit)
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    from deployments.service import start_rerun
+
+    return start_rerun(_settings(args), args.port, args.case, args.beam, args.force, args.wait)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mqi", description=__doc__)
     parser.add_argument("--config", help="config file (default: $MQI_CONFIG or config/config.yaml)")
@@ -160,6 +235,41 @@ def build_parser() -> argparse.ArgumentParser:
     server = sub.add_parser("server", help="run a local Prefect server (UI) with the project's settings")
     server.add_argument("--port", type=int, default=4200)
     server.set_defaults(func=cmd_server)
+
+    port_help = "port of the local server (default 4200; PREFECT_API_URL, when set, wins)"
+    up = sub.add_parser(
+        "up", help="run the service: server, deployments, worker and file sensor (Ctrl-C stops)"
+    )
+    up.add_argument("--port", type=int, default=4200, help=port_help)
+    up.add_argument("--worker-poll", type=float, default=0.5, help="seconds between the worker's polls (0.5)")
+    up.add_argument(
+        "--plain-worker",
+        action="store_true",
+        help="Prefect's own process worker: a new interpreter per flow run (about 2 s slower to start)",
+    )
+    up.set_defaults(func=cmd_up)
+
+    status = sub.add_parser("status", help="recent case runs: state, beams done, duration")
+    status.add_argument("--port", type=int, default=4200, help=port_help)
+    status.add_argument("--limit", type=int, default=20, help="how many runs (20)")
+    status.set_defaults(func=cmd_status)
+
+    rerun = sub.add_parser("rerun", help="run a case again, reusing the beams that already finished")
+    rerun.add_argument("case", help="case id (in the scan folder) or case folder")
+    rerun.add_argument(
+        "--beam", type=int, action="append", default=[], help="simulate beam N again (repeatable)"
+    )
+    rerun.add_argument("--force", action="store_true", help="simulate every beam again")
+    rerun.add_argument("--wait", action="store_true", help="wait for the run and print its final state")
+    rerun.add_argument("--port", type=int, default=4200, help=port_help)
+    rerun.set_defaults(func=cmd_rerun)
+
+    gpus = sub.add_parser("gpus", help="the GPU host's GPUs and processes (nvidia-smi), and their leases")
+    gpus.add_argument(
+        "action", nargs="?", choices=["show", "sync"], default="show", help="sync: create the GPU limits"
+    )
+    gpus.add_argument("--json", action="store_true", help="machine-readable output")
+    gpus.set_defaults(func=cmd_gpus)
 
     sample = sub.add_parser("sample-case", help="write a synthetic case folder (see --help)", add_help=False)
     sample.add_argument("rest", nargs=argparse.REMAINDER)

@@ -59,6 +59,8 @@ def _provenance(result: BeamResult) -> dict[str, object]:
         "ended": _iso(result.ended),
         "engine_log": result.engine_log,
         "engine_output": result.dose_file,
+        "backend": result.backend,
+        "job_dir": result.job_dir,
     }
 
 

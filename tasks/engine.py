@@ -1,4 +1,4 @@
-"""Launch MOQUI for one beam and decide, from exit code, log markers and output, whether it worked.
+"""Decide, from exit code, log markers and output, whether MOQUI's run of a beam worked.
 
 The old orchestrator looked for the wrong completion marker and left beams
 at 70 % forever. The rules here (DOMAIN.md): a failure marker or a non-zero
@@ -11,35 +11,32 @@ from __future__ import annotations
 
 import re
 import signal
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from config.settings import Settings, python_executable
-from tasks.errors import PermanentError, ToolError
+from tasks.errors import ToolError
 from tasks.moqui_input import PhantomGrid, read_tps
-from tasks.toolrun import ToolRun, run_tool
+from tasks.toolrun import ToolRun
 from tasks.tps import BeamInput
 
 PROGRESS = re.compile(r"Generating particles for \((\d+) of (\d+) batches\)")
 
 
-@dataclass
-class EngineOutcome:
-    run: ToolRun
-    failure: str | None  # None: the engine succeeded
-    saw_completion: bool
-
-
-def engine_argv(settings: Settings, beam: BeamInput, gpu: int) -> list[str]:
+def format_engine_command(template: list[str], beam: BeamInput, gpu: int, input_path: str) -> list[str]:
+    """The engine's argv from a command template (placeholders checked when the config loaded)."""
     fields = {
         "python": python_executable(),
-        "input": beam.tps_path,
+        "input": input_path,
         "case_id": beam.case_id,
         "beam_number": str(beam.beam_number),
         "gpu": str(gpu),
     }
-    return [part.format(**fields) for part in settings.engine.command]
+    return [part.format(**fields) for part in template]
+
+
+def engine_argv(settings: Settings, beam: BeamInput, gpu: int) -> list[str]:
+    """The local engine's argv (engine.command), reading the beam's own moqui_tps.in."""
+    return format_engine_command(settings.engine.command, beam, gpu, beam.tps_path)
 
 
 def progress_of(line: str) -> float | None:
@@ -64,7 +61,9 @@ def judge(run: ToolRun, lines: list[str], settings: Settings) -> tuple[str | Non
     code = run.returncode
     if run.timed_out:
         return f"engine did not finish within {settings.engine.timeout_seconds:g} s and was killed", seen_done
-    if code is not None and (code < 0 or code > 128):
+    if code is None:
+        return "engine ended without an exit code", seen_done
+    if code < 0 or code > 128:
         number = -code if code < 0 else code - 128
         return f"engine crashed ({_signal_name(number)}, exit {code})", seen_done
     if failures:
@@ -94,45 +93,8 @@ def verify_dose(settings: Settings, beam: BeamInput) -> str | None:
     return None
 
 
-def run_engine(
-    settings: Settings,
-    beam: BeamInput,
-    gpu: int,
-    log_path: Path,
-    on_line: Callable[[str], None] | None = None,
-) -> EngineOutcome:
-    """Run the engine for one beam on `gpu` (GPUID already written) and judge the result."""
-    engine_dir = settings.engine_dir
-    if not engine_dir.is_dir():
-        raise PermanentError(f"engine directory {engine_dir} does not exist (engine.workdir)")
-    Path(beam.dose_file).unlink(missing_ok=True)  # never mistake an old attempt's file for this one's
-    lines: list[str] = []
-
-    def follow(line: str) -> None:
-        lines.append(line)
-        if on_line is not None:
-            on_line(line)
-
-    argv = engine_argv(settings, beam, gpu)
-    try:
-        run = run_tool(
-            argv,
-            cwd=engine_dir,
-            log_path=log_path,
-            timeout=settings.engine.timeout_seconds,
-            poll=settings.engine.poll_seconds,
-            on_line=follow,
-        )
-    except OSError as err:
-        raise PermanentError(f"cannot start the engine {argv[0]!r}: {err}") from None
-    failure, done = judge(run, lines, settings)
-    if failure is None:
-        failure = verify_dose(settings, beam)
-    return EngineOutcome(run=run, failure=failure, saw_completion=done)
-
-
-def engine_failed(beam: BeamInput, gpu: int, outcome: EngineOutcome) -> ToolError:
+def engine_failed(beam: BeamInput, gpu: int, host: str, failure: str, run: ToolRun) -> ToolError:
     return ToolError(
-        f"case {beam.case_id}: beam {beam.beam_number} ({beam.beam_name}) on GPU {gpu}: {outcome.failure}; "
-        f"log {outcome.run.log_path}; last lines:\n{outcome.run.tail_text(15)}"
+        f"case {beam.case_id}: beam {beam.beam_number} ({beam.beam_name}) on GPU {gpu} of {host}: {failure}; "
+        f"log {run.log_path}; last lines:\n{run.tail_text(15)}"
     )

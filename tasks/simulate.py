@@ -1,13 +1,18 @@
-"""Simulate one beam: take a GPU, pin the engine to it, run, verify, give the GPU back.
+"""Simulate one beam: find or launch its job on the configured backend, follow it, fetch its dose.
 
-The GPU lease covers exactly the engine's lifetime. Transient faults
-(crash, hang, engine error) are retried by Prefect; bad input is not.
+Adopt, don't resubmit: the beam's job folder (tasks/backends) is looked up
+first. A running job is adopted (under the lease of the GPU it runs on), a
+finished one is collected, only a missing or failed one is launched. The
+GPU lease covers launch to engine exit and is released before the download.
+Whether a run worked is decided in one place (tasks/engine.py: exit code,
+log markers, dose size); a result judged bad is marked rejected in its job
+folder, so the next attempt launches again. Transient faults (crash, hang,
+engine error, lost connection) are retried by Prefect; bad input is not.
 Progress from the engine's log shows in the UI as a progress artifact.
 """
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,9 +24,12 @@ from prefect.runtime import task_run
 from pydantic import BaseModel
 
 from config.settings import Settings
-from tasks.engine import engine_argv, engine_failed, progress_of, run_engine
-from tasks.errors import PermanentError, retry_unless_permanent
+from tasks.backends import Backend, Followed, JobState, follow, make_backend
+from tasks.backends.base import FetchError
+from tasks.engine import engine_failed, judge, progress_of, verify_dose
+from tasks.errors import PermanentError, ToolError, retry_unless_permanent
 from tasks.gpu import gpu_lease
+from tasks.nvidia_smi import ForeignProcesses, backend_runner
 from tasks.tps import BeamInput, with_gpu
 
 
@@ -41,6 +49,8 @@ class BeamResult(BaseModel):
     attempts: int
     started: float
     ended: float
+    backend: str = "local"
+    job_dir: str = ""
 
 
 def preflight(beam: BeamInput) -> None:
@@ -51,41 +61,91 @@ def preflight(beam: BeamInput) -> None:
         )
 
 
+def _run_job(
+    settings: Settings,
+    backend: Backend,
+    beam: BeamInput,
+    log_path: Path,
+    on_line: Callable[[str], None] | None,
+    say: Callable[[str], None],
+    holder: ConcurrencyLeaseHolder | None,
+) -> Followed:
+    """Adopt, collect or launch the beam's job and follow it to its end."""
+    label = f"beam {beam.beam_number} ({beam.beam_name})"
+    who = {"case_id": beam.case_id, "beam": label}
+    job = backend.lookup(beam)
+    if job.state is JobState.RUNNING:
+        if job.gpu not in settings.backend.gpus:
+            raise ToolError(
+                f"case {beam.case_id}: {label}: a job is running on GPU {job.gpu} of {job.host} "
+                f"({job.dir}), which is not in backend.gpus; wait for it or stop it (pid {job.pid})"
+            )
+        say(f"{label}: adopting the job running on GPU {job.gpu} of {job.host} (pid {job.pid}, {job.dir})")
+        with gpu_lease(settings, holder, only=[job.gpu], who=who):
+            return follow(backend, job, backend.engine_argv(beam, job.gpu), log_path, on_line, say)
+    if job.state is JobState.FINISHED_OK:
+        say(f"{label}: collecting the job that finished on GPU {job.gpu} of {job.host} ({job.dir})")
+        return follow(backend, job, backend.engine_argv(beam, job.gpu), log_path, on_line, say)
+    if job.state is JobState.FINISHED_FAILED:
+        why = job.problem or f"exit {job.exit_code}"
+        say(f"{label}: the earlier job in {job.dir} failed ({why}); launching it again")
+    backend.stage(beam)
+    foreign = ForeignProcesses(backend_runner(backend), settings.backend.nvidia_smi, backend.where)
+    with gpu_lease(settings, holder, skip=foreign, who=who) as gpu:
+        with_gpu(Path(beam.tps_path), gpu)
+        job = backend.launch(beam, gpu)
+        say(f"{label}: launched on GPU {gpu} of {job.host} (pid {job.pid}, {job.dir})")
+        return follow(backend, job, backend.engine_argv(beam, gpu), log_path, on_line, say)
+
+
 def simulate_beam(
     settings: Settings,
     beam: BeamInput,
     attempt: int,
     on_line: Callable[[str], None] | None = None,
-    on_gpu: Callable[[int], None] | None = None,
+    notify: Callable[[str], None] | None = None,
     holder: ConcurrencyLeaseHolder | None = None,
+    backend: Backend | None = None,
 ) -> tuple[BeamResult, bool]:
-    """Run one beam on a leased GPU; return its result and whether the completion line was seen."""
+    """Run one beam to a verified local dose file; return its result and whether the engine said done."""
     preflight(beam)
-    with gpu_lease(settings, holder) as gpu:
-        with_gpu(Path(beam.tps_path), gpu)
-        if on_gpu is not None:
-            on_gpu(gpu)
-        log_path = Path(beam.beam_dir) / f"engine-attempt-{attempt}.log"
-        outcome = run_engine(settings, beam, gpu, log_path, on_line=on_line)
-    if outcome.failure is not None:
-        raise engine_failed(beam, gpu, outcome)
-    host = settings.backend.host if settings.backend.host != "local" else socket.gethostname()
+    backend = backend or make_backend(settings)
+    say = notify or (lambda message: None)
+    log_path = Path(beam.beam_dir) / f"engine-attempt-{attempt}.log"
+    followed = _run_job(settings, backend, beam, log_path, on_line, say, holder)
+    job, run = followed.job, followed.run
+    failure, completed = judge(run, followed.lines, settings)
+    if failure is None:
+        try:
+            backend.fetch(beam, job)  # the GPU is already released
+        except FetchError as error:
+            failure = str(error)
+    failure = failure or verify_dose(settings, beam)
+    if failure is not None:
+        if job.problem:
+            failure = f"{failure}: {job.problem}"
+        if job.state is JobState.FINISHED_OK:  # exit 0, but not acceptable: relaunch next time
+            backend.reject(job, failure)
+        raise engine_failed(beam, job.gpu, job.host or backend.where, failure, run)
+    backend.cleanup(beam, job)
     result = BeamResult(
         case_id=beam.case_id,
         beam_number=beam.beam_number,
         beam_name=beam.beam_name,
         tps_path=beam.tps_path,
         dose_file=beam.dose_file,
-        engine_log=str(outcome.run.log_path),
-        engine_command=engine_argv(settings, beam, gpu),
+        engine_log=str(run.log_path),
+        engine_command=run.argv,
         input_hash=beam.input_hash,
-        host=host,
-        gpu=gpu,
+        host=job.host,
+        gpu=job.gpu,
         attempts=attempt,
-        started=outcome.run.started,
-        ended=outcome.run.ended,
+        started=run.started,
+        ended=run.ended,
+        backend=backend.kind,
+        job_dir=job.dir,
     )
-    return result, outcome.saw_completion
+    return result, completed
 
 
 @task(
@@ -111,7 +171,7 @@ def simulate(settings: Settings, beam: BeamInput) -> BeamResult:
         beam,
         attempt,
         on_line=on_line,
-        on_gpu=lambda gpu: logger.info("%s: attempt %s on GPU %s", label, attempt, gpu),
+        notify=lambda message: logger.info("attempt %s: %s", attempt, message),
         holder=ConcurrencyLeaseHolder(type="task_run", id=task_run.id) if task_run.id else None,
     )
     if not completed:

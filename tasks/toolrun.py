@@ -42,7 +42,7 @@ class ToolRun:
         return "\n".join(list(self.tail)[-lines:])
 
 
-class _LineFollower:
+class LineFollower:
     """Reads complete new lines from a growing log file."""
 
     def __init__(self, path: Path) -> None:
@@ -99,7 +99,7 @@ def run_tool(
             env=None if env is None else dict(env),
             start_new_session=True,
         )
-    follower = _LineFollower(log_path)
+    follower = LineFollower(log_path)
     deadline = time.monotonic() + timeout
 
     def consume(final: bool = False) -> None:

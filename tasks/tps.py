@@ -10,7 +10,7 @@ it lands on.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from prefect import task
 from pydantic import BaseModel
@@ -65,9 +65,7 @@ def tps_values(
         "TotalThreads": tps.total_threads,
         "MaxHistoriesPerBatch": tps.max_histories_per_batch,
         "Verbosity": tps.verbosity,
-        "ParentDir": str(csv_dir.parent),
-        "DicomDir": str(csv_dir / "plan"),
-        "logFilePath": str(csv_dir / "log"),
+        **input_paths(csv_dir, dose_dir),
         "GantryNum": case.room,
         "BeamNumbers": beam.number,
         "UsingPhantomGeo": tps.using_phantom_geo,
@@ -80,7 +78,6 @@ def tps_values(
         "SimulationType": tps.simulation_type,
         "NormalizeTotalHistories": tps.normalize_total_histories,
         "ScoreToCTGrid": tps.score_to_ct_grid,
-        "OutputDir": str(dose_dir),
         "OutputFormat": tps.output_format,
         "OverwriteResults": tps.overwrite_results,
     }
@@ -91,11 +88,34 @@ def tps_values(
     return values
 
 
+def input_paths(csv_dir: PurePath, dose_dir: PurePath) -> dict[str, str]:
+    """The moqui_tps.in keys that name folders: rewritten when the engine runs on another host."""
+    return {
+        "ParentDir": str(csv_dir.parent),
+        "DicomDir": str(csv_dir / "plan"),
+        "logFilePath": str(csv_dir / "log"),
+        "OutputDir": str(dose_dir),
+    }
+
+
+def relocated_tps(tps_text: str, csv_dir: PurePath, dose_dir: PurePath, source: str) -> str:
+    """The same moqui_tps.in with its folders moved (e.g. to the job folder on the GPU host)."""
+    values: dict[str, object] = dict(parse_tps(tps_text, source))
+    values.update(input_paths(csv_dir, dose_dir))
+    return format_tps(values)
+
+
+def engine_input_files(csv_dir: Path, csv_dir_name: str) -> list[Path]:
+    """Every file the engine reads for a beam besides moqui_tps.in: the plan copy and its layer CSVs."""
+    return sorted(p for p in (csv_dir / "plan").glob("*") if p.is_file()) + sorted(
+        (csv_dir / "log" / csv_dir_name).glob("*.csv")
+    )
+
+
 def input_hash(tps_text: str, csv_dir: Path, beam: Beam) -> str:
     """sha256 over the tps text (without GPUID), the plan copy and the beam's layer CSVs."""
     digest = hashlib.sha256(tps_text.encode())
-    files = sorted((csv_dir / "plan").glob("*")) + sorted((csv_dir / "log" / beam.csv_dir_name).glob("*.csv"))
-    for path in files:
+    for path in engine_input_files(csv_dir, beam.csv_dir_name):
         digest.update(path.name.encode() + b"\0")
         digest.update(path.read_bytes())
     return digest.hexdigest()

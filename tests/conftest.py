@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 from config import Settings, load_settings
+from tasks.backends.sshconn import close_all
+from tests.sshd import SSHD, Hpc, Sshd
 
 # A small phantom (40^3 voxels of 5 mm) keeps the stand-in engine fast in tests.
 TEST_CONFIG = {
@@ -49,3 +51,29 @@ def prefect_server() -> Iterator[None]:
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # it only adds "database is locked" noise
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    """A real OpenSSH sshd on 127.0.0.1 for the session (tests/sshd.py)."""
+    if not SSHD.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{SSHD} is missing: .ci/run installs openssh-server")
+        pytest.skip(f"{SSHD} is missing (apt-get install openssh-server)")
+    server = Sshd(tmp_path_factory.mktemp("sshd"))
+    server.start()
+    yield server
+    close_all()
+    server.stop()
+
+
+@pytest.fixture
+def hpc(tmp_path: Path) -> Hpc:
+    """A fake GPU node (stand-in engine, fake nvidia-smi, job root) reached through `sshd`."""
+    return Hpc(tmp_path / "hpc")
+
+
+@pytest.fixture
+def ssh_config(tmp_path: Path, sshd: Sshd, hpc: Hpc) -> Path:
+    """A config whose beams run on `hpc` over SSH."""
+    return write_config(tmp_path, {"backend": hpc.backend_settings(), "ssh": hpc.ssh_settings(sshd)})

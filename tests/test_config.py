@@ -87,3 +87,61 @@ def test_commands_must_pass_their_inputs(tmp_path):
     path = write(tmp_path, "interpreter:\n  command: ['python', 'main_cli.py', '--logdir', '{case_dir}']\n")
     with pytest.raises(ConfigError, match=r"interpreter.command: .*must pass \{csv_dir\}"):
         load_settings(path, env={})
+
+
+def test_hpc_ssh_example_loads():
+    example = DEFAULT_CONFIG.parent / "examples" / "hpc-ssh.yaml"
+    settings = load_settings(example, env={})
+    assert settings.backend.kind == "ssh" and settings.ssh is not None
+    assert settings.ssh.engine_command == ["/opt/moqui/tps_env", "{input}"]
+    assert settings.ssh.key_passphrase_env == "MQI_SSH_KEY_PASSPHRASE"
+    assert settings.config_path(settings.ssh.known_hosts) == Path("~/.ssh/known_hosts").expanduser()
+
+
+def test_ssh_backend_needs_a_complete_ssh_section(tmp_path):
+    with pytest.raises(ConfigError, match="backend.kind is ssh but there is no ssh: section"):
+        load_settings(write(tmp_path, "backend:\n  kind: ssh\n"), env={})
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, "ssh:\n  host: hpc1\n  user: mqi\n"), env={})
+    text = str(err.value)
+    assert all(
+        f"ssh.{key}: Field required" in text for key in ("remote_root", "engine_dir", "engine_command")
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("remote_root", "scratch/mqi", "must be an absolute path on the GPU host"),
+        ("engine_command", "['/opt/moqui/tps_env']", "must pass {input}"),
+        ("engine_command", "['{python}', '{input}']", "unknown placeholder"),
+        ("forward_env", "['CUDA-VISIBLE']", "is not an environment variable name"),
+        ("key_file", "'-----BEGIN OPENSSH PRIVATE KEY-----'", "a key never belongs in the config"),
+        ("key_passphrase_env", "'my passphrase'", "should match pattern"),
+        ("compression", "gzip", "ssh.compression"),
+        ("colour", "blue", "ssh.colour: unknown key"),
+    ],
+)
+def test_ssh_settings_are_validated(tmp_path, key, value, message):
+    base = {
+        "host": "hpc1",
+        "user": "mqi",
+        "remote_root": "/scratch/mqi",
+        "engine_dir": "/opt/moqui",
+        "engine_command": "['/opt/moqui/tps_env', '{input}']",
+        key: value,
+    }
+    text = "backend:\n  kind: ssh\nssh:\n" + "".join(f"  {k}: {v}\n" for k, v in base.items())
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, text), env={})
+    assert message in str(err.value)
+
+
+def test_passphrase_sources_are_exclusive(tmp_path):
+    text = (
+        "ssh:\n  host: hpc1\n  user: mqi\n  remote_root: /r\n  engine_dir: /e\n"
+        "  engine_command: [t, '{input}']\n"
+        "  key_passphrase_env: A\n  key_passphrase_secret_block: b\n"
+    )
+    with pytest.raises(ConfigError, match="not both"):
+        load_settings(write(tmp_path, text), env={})

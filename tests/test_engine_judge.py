@@ -36,3 +36,8 @@ def test_timeout_wins(settings):
 def test_progress_lines():
     assert progress_of("Generating particles for (3 of 12 batches)") == 0.25
     assert progress_of("Total execution time: 1 s") is None
+
+
+def test_no_exit_code_is_a_failure(settings):
+    failure, _ = judge(run(None), ["Generating particles for (1 of 4 batches)"], settings)
+    assert failure == "engine ended without an exit code"

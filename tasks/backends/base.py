@@ -1,0 +1,367 @@
+"""The backend seam: where a beam's engine runs, and the job record that makes that place the truth.
+
+A beam's engine runs as a *job* in a deterministic job folder (SSH:
+`<remote root>/<case id>/beam-NN/<input hash>/`). The small POSIX-sh wrapper
+`mqi-job.sh`, started detached (setsid, stdin from /dev/null), writes the
+record there: `job.json` (host, pid, GPU, start time), `engine.log`, the
+sha256 of every output and, last, `exit.json`. Before launching, a beam
+looks the record up: a running job is adopted, a finished one fetched, only
+a missing or failed one is launched. So a killed worker, a restarted server
+or a rerun never starts a second copy of a job that is still on a GPU
+(ARCHITECTURE.md, "Crash safety").
+
+Local and SSH backends share everything here (the wrapper, the launch and
+probe scripts, reading the record, following the log, rejecting a result);
+they differ only in how a shell script runs (`sh -c` here, an SSH exec
+channel there) and how files get to and from the job folder. Every value in
+a script goes through `shlex.quote`.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from importlib.resources import files
+from pathlib import Path
+
+from config.settings import Settings
+from tasks.errors import PermanentError, ToolError
+from tasks.toolrun import LineFollower, ToolRun
+from tasks.tps import BeamInput
+
+WRAPPER_NAME = "mqi-job.sh"
+WRAPPER = files("tasks.backends").joinpath(WRAPPER_NAME).read_bytes()
+LAUNCH_WAIT_SECONDS = 10.0  # the launch command waits this long for the wrapper's job.json
+# Exit codes of the launch command (the engine's own codes never reach it).
+EXIT_NO_JOB_DIR, EXIT_NO_ENGINE_DIR, EXIT_NO_ENGINE, EXIT_NOT_STARTED = 90, 91, 92, 93
+RECORD_FILES = "job.json exit.json rejected collected pid sha256 engine.log"  # one attempt's record
+TIMEOUT_EXITS = (124, 137)  # timeout(1): the engine ended on SIGTERM / needed SIGKILL
+
+
+class JobState(Enum):
+    MISSING = "missing"  # no job, or one whose result was collected already: launch
+    RUNNING = "running"
+    FINISHED_OK = "finished-ok"  # exit 0; the engine judge and the download still decide
+    FINISHED_FAILED = "finished-failed"  # non-zero exit, lost, or its result was rejected
+
+
+class ConnectionLost(ToolError):
+    """The GPU host could not be reached or the connection dropped: reconnecting may help."""
+
+
+class FetchError(ToolError):
+    """A finished job's output could not be downloaded intact; its result is rejected."""
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    code: int
+    stdout: bytes
+    stderr: bytes
+
+    def output(self) -> str:
+        """stderr then stdout, for error messages."""
+        return (self.stderr + self.stdout).decode("utf-8", "replace").strip()
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a job folder says about its job (see mqi-job.sh)."""
+
+    dir: str
+    state: JobState
+    host: str = ""
+    pid: int | None = None
+    gpu: int = -1  # -1: no record
+    started: float | None = None
+    timeout: float | None = None
+    exit_code: int | None = None
+    ended: float | None = None
+    problem: str | None = None  # why it failed without an exit code: lost, or rejected and why
+
+    @property
+    def timed_out(self) -> bool:
+        """timeout(1) ended it: its exit code says so and it ran for the whole limit."""
+        if self.exit_code not in TIMEOUT_EXITS or None in (self.started, self.ended, self.timeout):
+            return False
+        return self.ended - self.started >= self.timeout - 1  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """How to start the engine of one beam in its job folder."""
+
+    argv: list[str]
+    engine_dir: str
+    engine_dir_key: str  # the config key naming engine_dir, for error messages
+    lock_dir: str  # holds gpu-<index>.lock: one engine per GPU on that host
+    output_dir: str = ""  # outputs hashed by the wrapper (empty: none, they are not downloaded)
+    clear: list[str] = field(default_factory=list)  # an earlier attempt's outputs, removed first
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}" if value != int(value) else str(int(value))
+
+
+def launch_script(job_dir: str, gpu: int, timeout: float, spec: LaunchSpec) -> str:
+    """Start the wrapper detached in `job_dir`, wait for its job.json and print it (one line)."""
+    q = shlex.quote
+    assignments = " ".join(q(f"{name}={value}") for name, value in spec.env.items())
+    wrapper_args = " ".join(
+        q(arg)
+        for arg in [str(gpu), _seconds(timeout), spec.engine_dir, spec.output_dir, spec.lock_dir, *spec.argv]
+    )
+    engine_dir = q(spec.engine_dir)
+    checks = (
+        f"cd -- {q(job_dir)} || exit {EXIT_NO_JOB_DIR}; "
+        f"[ -d {engine_dir} ] || exit {EXIT_NO_ENGINE_DIR}; "
+        f"(cd -- {engine_dir} && command -v {q(spec.argv[0])}) >/dev/null 2>&1 || exit {EXIT_NO_ENGINE}; "
+        f"mkdir -p -- {q(spec.lock_dir)} && "
+        f"rm -rf -- {RECORD_FILES} {' '.join(q(p) for p in spec.clear)}; "
+    )
+    polls = int(LAUNCH_WAIT_SECONDS / 0.05)
+    return (
+        checks + f"env {assignments} setsid sh {WRAPPER_NAME} {wrapper_args} </dev/null >/dev/null 2>&1 & "
+        f"i=0; while [ ! -f job.json ] && [ $i -lt {polls} ]; do sleep 0.05; i=$((i + 1)); done; "
+        f"[ -f job.json ] || exit {EXIT_NOT_STARTED}; head -n 1 job.json"
+    )
+
+
+def probe_script(job_dir: str, log_offset: int | None) -> str:
+    """Print the job record (or `missing`), then its state line, then the log from `log_offset`.
+
+    The state line is `running`, `lost`, `collected`, `rejected <why>` or exit.json. Alive means: the
+    wrapper's pid exists, is no zombie, and the host has not rebooted since it started.
+    """
+    log = "" if log_offset is None else f"; tail -c +{log_offset + 1} engine.log 2>/dev/null || true"
+    return (
+        f"cd -- {shlex.quote(job_dir)} 2>/dev/null && [ -f job.json ] || {{ echo missing; exit 0; }}; "
+        "head -n 1 job.json; "
+        "alive() { [ -f pid ] && read -r p b < pid && read -r _ _ s _ < /proc/$p/stat 2>/dev/null "
+        '&& [ "$s" != Z ] && [ "$b" = "$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)" ]; }; '
+        "if [ -f collected ]; then echo collected; "
+        "elif [ -f rejected ]; then printf 'rejected %s\\n' \"$(head -n 1 rejected)\"; "
+        "elif [ ! -f exit.json ] && alive; then echo running; "
+        "elif [ -f exit.json ]; then head -n 1 exit.json; else echo lost; fi" + log
+    )
+
+
+def _record(job_dir: str, line: bytes) -> Job:
+    try:
+        record = json.loads(line)
+        return Job(
+            dir=job_dir,
+            state=JobState.RUNNING,
+            host=str(record["host"]),
+            pid=int(record["pid"]),
+            gpu=int(record["gpu"]),
+            started=float(record["started"]),
+            timeout=float(record["timeout"]),
+        )
+    except (ValueError, KeyError, TypeError) as bad:
+        raise ToolError(f"job record {job_dir}/job.json is unreadable ({bad}): {line[:200]!r}") from None
+
+
+def parse_probe(job_dir: str, output: bytes) -> tuple[Job, bytes]:
+    """The Job a probe describes, and the log bytes it carried."""
+    head, _, rest = output.partition(b"\n")
+    if head.strip() == b"missing":
+        return Job(job_dir, JobState.MISSING), b""
+    job = _record(job_dir, head)
+    status, _, log = rest.partition(b"\n")
+    text = status.decode("utf-8", "replace").strip()
+    if text == "running":
+        return job, log
+    if text == "collected":  # a later run of the same inputs is a new job (e.g. a forced rerun)
+        return replace(job, state=JobState.MISSING), log
+    if text == "lost":
+        problem = "its wrapper is gone without an exit record (killed, or the host rebooted)"
+        return replace(job, state=JobState.FINISHED_FAILED, problem=problem), log
+    if text.startswith("rejected"):
+        reason = text.removeprefix("rejected").strip()
+        return replace(job, state=JobState.FINISHED_FAILED, problem=f"its result was rejected: {reason}"), log
+    try:
+        ended = json.loads(text)
+        code, end = int(ended["exit"]), float(ended["ended"])
+    except (ValueError, KeyError, TypeError):
+        raise ToolError(f"exit record {job_dir}/exit.json is unreadable: {text[:200]!r}") from None
+    state = JobState.FINISHED_OK if code == 0 else JobState.FINISHED_FAILED
+    return replace(job, state=state, exit_code=code, ended=end), log
+
+
+class Backend(ABC):
+    """Where engines run. Subclasses say how a script runs there and how files get there and back."""
+
+    kind: str
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    # -- what differs between backends ---------------------------------------
+    @property
+    @abstractmethod
+    def where(self) -> str:
+        """The machine, for messages: `host hpc1 (user@hpc1:22)`."""
+
+    @property
+    @abstractmethod
+    def poll_seconds(self) -> float: ...
+
+    @property
+    def reconnect_seconds(self) -> float:
+        """How long following a job keeps trying after ConnectionLost (0: not at all)."""
+        return 0.0
+
+    @abstractmethod
+    def run(self, script: str, timeout: float | None = None) -> CommandResult:
+        """Run a POSIX-sh script on the machine; ConnectionLost if it cannot be reached."""
+
+    @abstractmethod
+    def job_dir(self, beam: BeamInput) -> str: ...
+
+    @abstractmethod
+    def stage(self, beam: BeamInput) -> None:
+        """Put the wrapper and every input but moqui_tps.in in the job folder (no GPU held yet)."""
+
+    @abstractmethod
+    def prepare_launch(self, beam: BeamInput, gpu: int) -> LaunchSpec:
+        """Put moqui_tps.in (GPUID already written) where the engine reads it; say how to start it."""
+
+    @abstractmethod
+    def engine_argv(self, beam: BeamInput, gpu: int) -> list[str]: ...
+
+    @abstractmethod
+    def fetch(self, beam: BeamInput, job: Job) -> None:
+        """Bring the dose of a finished job to beam.dose_file, verified; FetchError if it cannot."""
+
+    @abstractmethod
+    def cleanup(self, beam: BeamInput, job: Job) -> None:
+        """After a verified download: remove what the job left, per policy."""
+
+    # -- shared job-record logic ---------------------------------------------
+    def _checked(self, script: str, what: str, timeout: float | None = None) -> CommandResult:
+        result = self.run(script, timeout)
+        if result.code != 0:
+            raise ToolError(f"{what} failed on {self.where} (exit {result.code}): {result.output()}")
+        return result
+
+    def probe(self, job: Job, log_offset: int | None = None) -> tuple[Job, bytes]:
+        result = self._checked(probe_script(job.dir, log_offset), f"reading job {job.dir}")
+        return parse_probe(job.dir, result.stdout)
+
+    def lookup(self, beam: BeamInput) -> Job:
+        """The job of this beam's inputs, as its folder tells it (MISSING if there is none)."""
+        return self.probe(Job(self.job_dir(beam), JobState.MISSING))[0]
+
+    def launch(self, beam: BeamInput, gpu: int) -> Job:
+        """Start the engine detached on `gpu`; return the job once its record exists."""
+        spec = self.prepare_launch(beam, gpu)
+        job_dir = self.job_dir(beam)
+        script = launch_script(job_dir, gpu, self.settings.engine.timeout_seconds, spec)
+        result = self.run(script, timeout=LAUNCH_WAIT_SECONDS + 30)
+        where = f"case {beam.case_id}: beam {beam.beam_number} ({beam.beam_name}) on {self.where}"
+        if result.code == EXIT_NO_ENGINE_DIR:
+            raise PermanentError(
+                f"{where}: engine directory {spec.engine_dir} does not exist ({spec.engine_dir_key})"
+            )
+        if result.code == EXIT_NO_ENGINE:
+            raise PermanentError(f"{where}: cannot start the engine: {spec.argv[0]!r} not found")
+        if result.code != 0:
+            raise ToolError(
+                f"{where}: launching the job in {job_dir} failed (exit {result.code}): {result.output()}"
+            )
+        return _record(job_dir, result.stdout.strip())
+
+    def _mark(self, job: Job, marker: str, text: str) -> None:
+        first_line = (text.strip().splitlines() or [marker])[0][:300]
+        q = shlex.quote
+        self._checked(
+            f"cd -- {q(job.dir)} && printf '%s\\n' {q(first_line)} > {marker}", f"marking job {job.dir}"
+        )
+
+    def reject(self, job: Job, reason: str) -> None:
+        """Mark a finished job's result as not acceptable, so the next attempt launches it again."""
+        self._mark(job, "rejected", reason)
+
+    def mark_collected(self, job: Job) -> None:
+        """The job's result is safely here: a later lookup must not hand it out again as pending."""
+        self._mark(job, "collected", "dose downloaded and verified")
+
+
+@dataclass
+class Followed:
+    """A job followed to its end: the final record, the run as the engine judge sees it, all lines."""
+
+    job: Job
+    run: ToolRun
+    lines: list[str]
+
+
+def _probe_patiently(
+    backend: Backend, job: Job, offset: int, notify: Callable[[str], None] | None
+) -> tuple[Job, bytes]:
+    """probe(), reconnecting for up to backend.reconnect_seconds while the host is unreachable."""
+    lost_since: float | None = None
+    while True:
+        try:
+            return backend.probe(job, offset)
+        except ConnectionLost as lost:
+            now = time.monotonic()
+            lost_since = now if lost_since is None else lost_since
+            if now - lost_since >= backend.reconnect_seconds:
+                raise ConnectionLost(
+                    f"{lost}; gave up following job {job.dir} after {backend.reconnect_seconds:g} s"
+                ) from None
+            if notify is not None:
+                notify(f"lost {backend.where} while following job {job.dir}: {lost}; reconnecting")
+            time.sleep(backend.poll_seconds)
+
+
+def follow(
+    backend: Backend,
+    job: Job,
+    argv: list[str],
+    log_path: Path,
+    on_line: Callable[[str], None] | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> Followed:
+    """Mirror the job's log into `log_path` (lines to `on_line`) until the job is over."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    run = ToolRun(argv=argv, log_path=log_path, started=job.started or time.time())
+    lines: list[str] = []
+    offset = 0
+    with log_path.open("wb") as mirror:
+        follower = LineFollower(log_path)
+
+        def consume(final: bool = False) -> None:
+            for line in follower.new_lines(final):
+                lines.append(line)
+                run.tail.append(line)
+                if on_line is not None:
+                    on_line(line)
+
+        try:
+            while True:
+                job, data = _probe_patiently(backend, job, offset, notify)
+                mirror.write(data)
+                mirror.flush()
+                offset += len(data)
+                consume()
+                if job.state is not JobState.RUNNING:
+                    break
+                time.sleep(backend.poll_seconds)
+        finally:
+            consume(final=True)
+            follower.close()
+    if job.state is JobState.MISSING:
+        job = replace(job, problem="its job folder disappeared while it ran")
+    run.returncode = job.exit_code
+    run.timed_out = job.timed_out
+    run.ended = job.ended or time.time()
+    return Followed(job=job, run=run, lines=lines)

@@ -1,0 +1,73 @@
+"""The local backend: the GPU box is this machine.
+
+The engine still runs as a detached job with a record (the same wrapper as
+on a remote host), so a killed worker's engine keeps its GPU and is adopted
+by the next run instead of started twice. Inputs and outputs are already
+where the engine reads and writes them: nothing to stage or download.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+from tasks.backends.base import WRAPPER, WRAPPER_NAME, Backend, CommandResult, Job, LaunchSpec
+from tasks.engine import engine_argv
+from tasks.errors import ToolError
+from tasks.tps import BeamInput
+
+COMMAND_TIMEOUT_SECONDS = 60.0
+
+
+class LocalBackend(Backend):
+    kind = "local"
+
+    @property
+    def where(self) -> str:
+        return f"this machine ({socket.gethostname()})"
+
+    @property
+    def poll_seconds(self) -> float:
+        return self.settings.engine.poll_seconds
+
+    def run(self, script: str, timeout: float | None = None) -> CommandResult:
+        try:
+            done = subprocess.run(
+                ["sh", "-c", script],
+                capture_output=True,
+                stdin=subprocess.DEVNULL,
+                timeout=timeout or COMMAND_TIMEOUT_SECONDS,
+            )
+        except subprocess.TimeoutExpired:
+            raise ToolError(
+                f"a job command did not finish within {timeout or COMMAND_TIMEOUT_SECONDS:g} s"
+            ) from None
+        return CommandResult(done.returncode, done.stdout, done.stderr)
+
+    def job_dir(self, beam: BeamInput) -> str:
+        return str(Path(beam.beam_dir) / "jobs" / beam.input_hash)
+
+    def stage(self, beam: BeamInput) -> None:
+        job_dir = Path(self.job_dir(beam))
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / WRAPPER_NAME).write_bytes(WRAPPER)
+
+    def prepare_launch(self, beam: BeamInput, gpu: int) -> LaunchSpec:
+        return LaunchSpec(
+            argv=self.engine_argv(beam, gpu),
+            engine_dir=str(self.settings.engine_dir),
+            engine_dir_key="engine.workdir",
+            lock_dir=str(self.settings.root / "gpu-locks"),
+            clear=[beam.dose_file],  # never mistake an earlier attempt's dose for this one's
+        )
+
+    def engine_argv(self, beam: BeamInput, gpu: int) -> list[str]:
+        return engine_argv(self.settings, beam, gpu)
+
+    def fetch(self, beam: BeamInput, job: Job) -> None:
+        """Nothing to move: the engine wrote beam.dose_file itself (verify_dose checks it)."""
+
+    def cleanup(self, beam: BeamInput, job: Job) -> None:
+        """The job folder holds only its small record: kept as history, marked collected."""
+        self.mark_collected(job)

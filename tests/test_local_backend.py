@@ -1,0 +1,136 @@
+"""The local backend: detached jobs with a record, so a running engine is found again, never restarted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from config import load_settings
+from tasks.backends import JobState, follow
+from tasks.backends.local import LocalBackend
+from tasks.engine import judge, verify_dose
+from tasks.errors import PermanentError
+from tests.beams import launch, launches, prepare_beams, run_beam
+from tests.conftest import write_config
+
+
+def wait_for(condition, what: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of a session (a job's wrapper, timeout and engine)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # field 6: session id
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def backend(settings) -> LocalBackend:
+    return LocalBackend(settings)
+
+
+def test_job_record_running_then_finished_and_found_again(backend, settings, tmp_path, monkeypatch):
+    launch_log = tmp_path / "launches.jsonl"
+    monkeypatch.setenv("MQI_STANDIN_LAUNCH_LOG", str(launch_log))
+    monkeypatch.setenv("MQI_STANDIN_ENGINE_DURATION", "2")
+    [beam] = prepare_beams(settings, "LOCAL-1")
+    assert backend.lookup(beam).state is JobState.MISSING
+    job = launch(backend, beam, gpu=1)
+    assert job.state is JobState.RUNNING and job.gpu == 1 and job.pid and job.timeout == 120
+    assert Path(job.dir) == Path(beam.beam_dir) / "jobs" / beam.input_hash
+
+    found = backend.lookup(beam)  # what a new flow run sees: the same job, still running
+    assert found.state is JobState.RUNNING and found.pid == job.pid and found.gpu == 1
+    followed = follow(backend, found, backend.engine_argv(beam, 1), tmp_path / "adopted.log")
+    assert followed.job.state is JobState.FINISHED_OK and followed.job.exit_code == 0
+    assert judge(followed.run, followed.lines, settings) == (None, True)
+    assert verify_dose(settings, beam) is None
+    assert "Total execution time" in (tmp_path / "adopted.log").read_text()
+    assert backend.lookup(beam).state is JobState.FINISHED_OK
+    assert launches(launch_log) == {"2": 1}
+    record = json.loads((Path(job.dir) / "job.json").read_text())
+    assert record["gpu"] == 1 and record["pid"] == job.pid and record["host"]
+    backend.cleanup(beam, followed.job)  # collected: a later run of these inputs is a new job
+    assert backend.lookup(beam).state is JobState.MISSING
+
+
+def test_engine_exceeding_its_timeout_is_killed(tmp_path, monkeypatch):
+    settings = load_settings(write_config(tmp_path, {"engine": {"timeout_seconds": 1}}), env={})
+    monkeypatch.setenv("MQI_STANDIN_ENGINE_FAULT", "hang")
+    [beam] = prepare_beams(settings, "LOCAL-HANG")
+    followed = run_beam(LocalBackend(settings), beam)
+    assert followed.job.state is JobState.FINISHED_FAILED and followed.job.timed_out
+    failure, _ = judge(followed.run, followed.lines, settings)
+    assert failure == "engine did not finish within 1 s and was killed"
+
+
+def test_lost_wrapper_is_a_failed_job_and_is_launched_again(backend, settings, tmp_path, monkeypatch):
+    launch_log = tmp_path / "launches.jsonl"
+    monkeypatch.setenv("MQI_STANDIN_LAUNCH_LOG", str(launch_log))
+    monkeypatch.setenv("MQI_STANDIN_ENGINE_DURATION", "30")
+    [beam] = prepare_beams(settings, "LOCAL-LOST")
+    job = launch(backend, beam)
+    wait_for(lambda: launches(launch_log), "the engine to start")
+    kill_session(job.pid)  # the wrapper was started with setsid: its pid is the session id
+    lost = wait_for(lambda: (j := backend.lookup(beam)).state is not JobState.RUNNING and j, "the job to end")
+    assert lost.state is JobState.FINISHED_FAILED and lost.exit_code is None
+    assert "wrapper is gone" in lost.problem
+
+    monkeypatch.delenv("MQI_STANDIN_ENGINE_DURATION")
+    followed = run_beam(backend, beam)
+    assert followed.job.state is JobState.FINISHED_OK
+    assert launches(launch_log) == {"2": 2}
+
+
+def test_one_engine_per_gpu_even_without_leases(backend, settings, tmp_path, monkeypatch):
+    """Two jobs launched on one GPU (a lease lost to a dead worker): the second waits for the first."""
+    launch_log = tmp_path / "launches.jsonl"
+    monkeypatch.setenv("MQI_STANDIN_LAUNCH_LOG", str(launch_log))
+    monkeypatch.setenv("MQI_STANDIN_ENGINE_DURATION", "1")
+    first, second = prepare_beams(settings, "LOCAL-LOCK", beams=2)
+    jobs = [launch(backend, first, gpu=0), launch(backend, second, gpu=0)]
+    for beam, job in zip((first, second), jobs, strict=True):
+        follow(backend, job, backend.engine_argv(beam, 0), tmp_path / f"{beam.beam_number}.log")
+    records = [json.loads(line) for line in launch_log.read_text().splitlines()]
+    ended_first = next(r["time"] for r in records if r["event"] == "end" and r["key"] == "2")
+    started_second = next(r["time"] for r in records if r["event"] == "start" and r["key"] == "3")
+    assert started_second >= ended_first
+
+
+def test_missing_engine_folder_or_command_is_permanent(tmp_path):
+    settings = load_settings(
+        write_config(tmp_path, {"engine": {"workdir": str(tmp_path / "nowhere")}}), env={}
+    )
+    [beam] = prepare_beams(settings, "LOCAL-NODIR")
+    with pytest.raises(PermanentError, match=r"engine directory .*nowhere does not exist \(engine.workdir\)"):
+        launch(LocalBackend(settings), beam)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    settings = load_settings(
+        write_config(other, {"engine": {"command": ["/opt/no-such/tps_env", "{input}"]}}), env={}
+    )
+    [beam] = prepare_beams(settings, "LOCAL-NOCMD")
+    with pytest.raises(PermanentError, match="cannot start the engine: '/opt/no-such/tps_env' not found"):
+        launch(LocalBackend(settings), beam)

@@ -1,0 +1,181 @@
+"""Whole cases over SSH on a Prefect test server: remote jobs, adoption after a crash, rejected outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from prefect.blocks.system import Secret
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from config import load_settings
+from flows.case import process_case
+from standins.sample_case import write_sample_case
+from tasks.backends import JobState
+from tasks.backends.ssh import SshBackend
+from tasks.backends.sshconn import ssh_host
+from tasks.errors import ToolError
+from tasks.gpu import ensure_gpu_limits
+from tasks.simulate import simulate_beam
+from tests.beams import launches, prepare_beams, run_beam
+from tests.conftest import write_config
+from tests.local_server import LocalServer
+from tests.sshd import keygen
+from tests.test_case_flow import dciodvfy_errors
+from tests.test_local_backend import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_server")]
+
+
+def ssh_case_config(tmp_path, sshd, hpc, host: str, **ssh) -> Path:
+    """Each test its own GPU host name: its GPU limits are its own on the shared server."""
+    backend = {**hpc.backend_settings(), "host": host, "gpu_lease_seconds": 60}
+    return write_config(tmp_path, {"backend": backend, "ssh": hpc.ssh_settings(sshd, cleanup="keep", **ssh)})
+
+
+def test_whole_case_over_ssh(tmp_path, sshd, hpc, monkeypatch):
+    config = ssh_case_config(tmp_path, sshd, hpc, "hpc-case")
+    settings = load_settings(config, env={})
+    launch_log = tmp_path / "launches.jsonl"
+    monkeypatch.setenv("MQI_STANDIN_LAUNCH_LOG", str(launch_log))
+    case_dir = write_sample_case(settings.scan_dir, "SSH CASE", beams=3)
+
+    state = process_case(str(case_dir), str(config), return_state=True)
+    assert state.is_completed(), state.message
+    assert state.message == "case SSH CASE: 3/3 beams done"
+    assert launches(launch_log) == {"2": 1, "3": 1, "4": 1}
+    out = settings.output_dir("SSH CASE")
+    for number in (2, 3, 4):
+        rtdose = out / f"RTDOSE_beam{number:02d}.dcm"
+        assert dciodvfy_errors(rtdose) == []
+        assert pydicom.dcmread(rtdose).DoseSummationType == "BEAM"
+        prov = json.loads((out / f"RTDOSE_beam{number:02d}.provenance.json").read_text())["beams"][0]
+        job = Path(prov["job_dir"])
+        assert prov["backend"] == "ssh" and prov["engine_command"][-1] == str(job / "moqui_tps.in")
+        assert job == hpc.remote_root / "SSH CASE" / f"beam-{number:02d}" / prov["input_hash"]
+        for name in ("job.json", "exit.json", "engine.log", "moqui_tps.in", "mqi-job.sh"):
+            assert (job / name).is_file(), name
+        assert json.loads((job / "exit.json").read_text())["exit"] == 0
+        assert any((job / "input" / "plan").iterdir()) and any((job / "input" / "log").rglob("*.csv"))
+        assert (job / "dose" / Path(prov["engine_output"]).name).stat().st_size == 40**3 * 8
+        assert "Total execution time" in Path(prov["engine_log"]).read_text()  # mirrored locally
+    assert dciodvfy_errors(out / "RTDOSE_plan.dcm") == []
+
+
+@pytest.fixture
+def real_server(tmp_path_factory, monkeypatch) -> Iterator[LocalServer]:
+    """A real Prefect server: the test harness's runs no repossessor, so a dead holder's GPU lease
+    never expires there; `prefect server start` (as `mqi server` runs it) frees it."""
+    server = LocalServer(tmp_path_factory.mktemp("prefect-home"))
+    server.start()
+    monkeypatch.setenv("PREFECT_API_URL", server.api_url)
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield server
+    finally:
+        server.stop()
+
+
+def test_killed_flow_is_adopted_and_no_engine_runs_twice(tmp_path, sshd, hpc, monkeypatch, real_server):
+    """Start a case, SIGKILL the flow process mid-simulation, run the case again: one launch per beam.
+
+    The second run finds two jobs running (adopts them once their GPU leases, held by the dead
+    process, expire) and the third beam's job missing (launches it).
+    """
+    config = ssh_case_config(tmp_path, sshd, hpc, "hpc-adopt")
+    settings = load_settings(config, env={})
+    case_dir = write_sample_case(settings.scan_dir, "ADOPT", beams=3)
+    launch_log = tmp_path / "launches.jsonl"
+    env = {
+        **real_server.env(),
+        "MQI_STANDIN_LAUNCH_LOG": str(launch_log),
+        "MQI_STANDIN_ENGINE_DURATION": "20",  # still running when the second run looks
+    }
+    first = subprocess.Popen(
+        [sys.executable, "-m", "deployments.cli", "--config", str(config), "run", str(case_dir)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(
+            lambda: len(launches(launch_log)) == 2, "two beams' engines to start (two GPUs)", timeout=120
+        )
+    finally:
+        first.kill()  # SIGKILL: no clean-up, leases left to expire, remote jobs keep running
+        first.wait(timeout=30)
+    records = {
+        path.parent: json.loads(path.read_text()) for path in hpc.remote_root.glob("ADOPT/*/*/job.json")
+    }
+    still_running = [job for job in records if not (job / "exit.json").exists()]
+    assert len(records) == 2 and still_running  # the second run must adopt, not find them done
+
+    monkeypatch.setenv("MQI_STANDIN_LAUNCH_LOG", str(launch_log))
+    monkeypatch.delenv("MQI_STANDIN_ENGINE_DURATION", raising=False)
+    state = process_case(str(case_dir), str(config), return_state=True)
+    assert state.is_completed(), state.message
+    assert launches(launch_log) == {"2": 1, "3": 1, "4": 1}
+    for job, record in records.items():  # the same jobs, not new ones
+        assert json.loads((job / "job.json").read_text()) == record
+    out = settings.output_dir("ADOPT")
+    for number in (2, 3, 4):
+        prov = json.loads((out / f"RTDOSE_beam{number:02d}.provenance.json").read_text())["beams"][0]
+        assert json.loads((Path(prov["job_dir"]) / "job.json").read_text())["gpu"] == prov["gpu"]
+
+
+def test_corrupted_output_is_rejected_and_the_beam_relaunched(tmp_path, sshd, hpc, monkeypatch):
+    config = ssh_case_config(tmp_path, sshd, hpc, "hpc-reject")
+    settings = load_settings(config, env={})
+    ensure_gpu_limits(settings)
+    launch_log = tmp_path / "launches.jsonl"
+    monkeypatch.setenv("MQI_STANDIN_LAUNCH_LOG", str(launch_log))
+    [beam] = prepare_beams(settings, "REJECT")
+    job = run_beam(SshBackend(settings), beam).job  # a worker died after the engine ended, before the fetch
+    remote = Path(job.dir) / "dose" / Path(beam.dose_file).name
+    data = bytearray(remote.read_bytes())
+    data[100] ^= 0x01
+    remote.write_bytes(bytes(data))
+
+    with pytest.raises(ToolError, match="not what the job recorded") as error:
+        simulate_beam(settings, beam, attempt=2)
+    assert "case REJECT: beam 2" in str(error.value)
+    assert SshBackend(settings).lookup(beam).state is JobState.FINISHED_FAILED
+    assert launches(launch_log) == {"2": 1}
+
+    result, _ = simulate_beam(settings, beam, attempt=3)
+    assert launches(launch_log) == {"2": 2}
+    assert Path(result.dose_file).read_bytes() == remote.read_bytes()
+
+
+def test_a_gpu_busy_with_a_foreign_process_is_passed_over(tmp_path, sshd, hpc):
+    """nvidia-smi on the node shows someone else's process on GPU 0 (its lease is free): use GPU 1."""
+    hpc.set_nvidia_smi(
+        "0, GPU-a, NVIDIA A100, 40960, 30000, 10960, 60, 99\n1, GPU-b, NVIDIA A100, 40960, 4, 40956, 30, 0\n",
+        "31337, GPU-a, /usr/bin/python3 someone-elses-training.py, 30000\n",
+    )
+    settings = load_settings(ssh_case_config(tmp_path, sshd, hpc, "hpc-foreign"), env={})
+    ensure_gpu_limits(settings)
+    [beam] = prepare_beams(settings, "FOREIGN")
+    result, _ = simulate_beam(settings, beam, attempt=1)
+    assert result.gpu == 1
+
+
+def test_key_passphrase_from_a_prefect_secret_block(tmp_path, sshd, hpc):
+    key = keygen(tmp_path / "locked_key", passphrase="block passphrase")
+    with (sshd.root / "authorized_keys").open("a") as keys:
+        keys.write(Path(f"{key}.pub").read_text())
+    Secret(value="block passphrase").save("mqi-test-ssh-passphrase", overwrite=True)
+    config = ssh_case_config(
+        tmp_path,
+        sshd,
+        hpc,
+        "hpc-secret",
+        key_file=str(key),
+        key_passphrase_secret_block="mqi-test-ssh-passphrase",
+    )
+    assert ssh_host(load_settings(config, env={})).run("echo unlocked").stdout == b"unlocked\n"
