@@ -4,26 +4,32 @@ discover -> interpret -> tps (per beam) -> simulate (per beam, in parallel,
 each on its own GPU) -> convert (per beam, as each finishes) -> plan sum ->
 report. A failed beam does not stop the others; the run then ends Failed
 with a message naming the beam, and the finished beams' RTDOSE are kept.
+
+Finished simulations are reused (tasks/reuse.py): a new run of the case, or
+Retry of a failed run in the UI, simulates only the beams whose inputs changed,
+whose simulation failed, or that were asked for (`rerun_beams`, `force`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, tags, unmapped
+from prefect import Task, flow, tags, unmapped
 from prefect.futures import PrefectFuture, as_completed
+from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
-from config import load_settings
+from config import Settings, load_settings
 from tasks.casefolder import Beam
 from tasks.convert import DoseOutput, convert_beam, convert_plan
 from tasks.discover import discover
 from tasks.gpu import ensure_gpu_limits
 from tasks.interpret import interpret
 from tasks.report import BeamRow, report
+from tasks.reuse import beams_to_simulate_again, results_dir, simulation_cache_key
 from tasks.simulate import BeamResult, simulate
-from tasks.tps import write_tps
+from tasks.tps import BeamInput, write_tps
 
 
 def case_run_name() -> str:
@@ -36,19 +42,43 @@ def _error_text(future: PrefectFuture) -> str:
     return str(error) if isinstance(error, BaseException) else (future.state.message or "failed")
 
 
+def simulation(settings: Settings, refresh: bool) -> Task[[Settings, BeamInput], BeamResult]:
+    """The simulate task with engine retries, cached by the beam's inputs in the data root."""
+    return simulate.with_options(
+        retries=settings.engine.retries,
+        retry_delay_seconds=settings.engine.retry_delay_seconds,
+        cache_key_fn=simulation_cache_key,
+        persist_result=True,
+        result_storage=results_dir(settings),
+        refresh_cache=refresh,
+    )
+
+
 @flow(name="process-case", flow_run_name=case_run_name, log_prints=True)
-def process_case(case_dir: str, config: str | None = None) -> State:
-    """Recalculate the delivered dose of one case folder; `config` overrides MQI_CONFIG."""
+def process_case(
+    case_dir: str, config: str | None = None, rerun_beams: list[int] | None = None, force: bool = False
+) -> State:
+    """Recalculate the delivered dose of one case folder; `config` overrides MQI_CONFIG.
+
+    Finished simulations with the same inputs are reused, except for the beam numbers in
+    `rerun_beams`, or every beam with `force`.
+    """
     settings = load_settings(config)
     ensure_gpu_limits(settings)
     case = discover(settings, case_dir)
     with tags(f"case:{case.case_id}"):
         csv_dir = interpret(settings, case)
-        inputs = write_tps.map(unmapped(settings), unmapped(case), case.beams, unmapped(csv_dir))
-        simulate_with_retries = simulate.with_options(
-            retries=settings.engine.retries, retry_delay_seconds=settings.engine.retry_delay_seconds
-        )
-        simulations = simulate_with_retries.map(unmapped(settings), inputs)
+        inputs = [
+            future.result()
+            for future in write_tps.map(unmapped(settings), unmapped(case), case.beams, unmapped(csv_dir))
+        ]
+        again = beams_to_simulate_again(settings, inputs, rerun_beams or [], force)
+        logger = get_run_logger()
+        for number, reason in again.items():
+            logger.info("beam %s: %s", number, reason)
+        simulations = [
+            simulation(settings, beam.beam_number in again).submit(settings, beam) for beam in inputs
+        ]
         beam_of: dict[PrefectFuture, Beam] = dict(zip(simulations, case.beams, strict=True))
 
         rows: dict[int, BeamRow] = {}

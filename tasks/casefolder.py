@@ -112,6 +112,8 @@ class Inspection(_Model):
     excluded: list[ExcludedBeam]
     problems: list[str]
     case: Case | None
+    # Treatment beams with no delivery folder at all: the transfer may still be delivering them.
+    missing_deliveries: list[int] = []
 
     def to_json_dict(self) -> dict[str, object]:
         """A compact summary for the CLI and for logs (no patient data beyond the case id)."""
@@ -139,6 +141,7 @@ class Inspection(_Model):
                 for beam in self.excluded
             ],
             "problems": list(self.problems),
+            "missing_deliveries": list(self.missing_deliveries),
         }
 
 
@@ -641,9 +644,10 @@ def _match(
     claimed: set[int],
     policy: DeliveryPolicy,
     problems: _Problems,
-) -> list[Beam]:
+) -> tuple[list[Beam], list[int]]:
     """Map deliveries to beams by DICOM_BEAM_NUMBER and pick one per beam by policy.
 
+    Returns the matched beams and the treatment beams that have no delivery folder.
     `claimed` holds the beam numbers named by delivery folders that had problems of
     their own, so such a beam is not also reported as having no delivery folder.
     """
@@ -674,9 +678,11 @@ def _match(
         else:
             by_beam.setdefault(number, []).append(record)
     beams = []
+    missing = []
     for number, plan_beam in sorted(plan.treatment.items()):
         candidates = by_beam.get(number, [])
         if not candidates and number not in claimed:
+            missing.append(number)
             problems.add(
                 f"beam {number} {plan_beam.name!r}",
                 f"no delivery folder (no {PLANINFO_NAME} with DICOM_BEAM_NUMBER {number})",
@@ -695,13 +701,16 @@ def _match(
                     delivery=delivery,
                 )
             )
-    return beams
+    return beams, missing
 
 
 def _inspect_folder(
     case_dir: Path, policy: DeliveryPolicy, problems: _Problems
-) -> tuple[_Plan | None, list[Beam]]:
-    """Find the plan and the deliveries and match them; problems are collected, not raised."""
+) -> tuple[_Plan | None, list[Beam], list[int]]:
+    """Find the plan and the deliveries and match them; problems are collected, not raised.
+
+    Returns the plan, the matched beams and the treatment beams without a delivery folder.
+    """
     found, unreadable = find_rtplans(case_dir)
     for path, reason in unreadable:
         problems.add(_rel(path, case_dir), reason)
@@ -726,8 +735,8 @@ def _inspect_folder(
         elif beam_number is not None:
             claimed.add(beam_number)
     if plan is None:
-        return None, []
-    return plan, _match(plan, records, claimed, policy, problems)
+        return None, [], []
+    return plan, *_match(plan, records, claimed, policy, problems)
 
 
 def inspect_case(
@@ -747,11 +756,12 @@ def inspect_case(
     problems = _Problems(case_path.name)
     plan: _Plan | None = None
     beams: list[Beam] = []
+    missing: list[int] = []
     ready = False
     try:
         ready = (case_path / ready_marker).is_file()
         if case_path.is_dir():
-            plan, beams = _inspect_folder(case_path, delivery_policy, problems)
+            plan, beams, missing = _inspect_folder(case_path, delivery_policy, problems)
         else:
             problems.add(str(case_path), "is not a folder")
     except OSError as error:  # a folder vanishing or locked mid-scan: report it, never raise
@@ -784,6 +794,7 @@ def inspect_case(
         excluded=excluded,
         problems=problems.messages,
         case=case,
+        missing_deliveries=missing,
     )
 
 

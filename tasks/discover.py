@@ -13,10 +13,13 @@ from tasks.casefolder import Case, discover_case
 
 @task(name="discover", task_run_name="discover {case_dir}")
 def discover(settings: Settings, case_dir: str) -> Case:
-    """Folder -> Case, failing with every problem found (named by folder, file and beam)."""
-    case = discover_case(
-        Path(case_dir), ready_marker=settings.case.ready_marker, delivery_policy=settings.case.delivery_policy
-    )
+    """Folder -> Case, failing with every problem found (named by folder, file and beam).
+
+    The ready marker is required unless the sensor is configured with a quiet period:
+    such sources write no marker.
+    """
+    marker = settings.case.ready_marker if settings.sensor.quiet_seconds is None else None
+    case = discover_case(Path(case_dir), ready_marker=marker, delivery_policy=settings.case.delivery_policy)
     logger = get_run_logger()
     for beam in case.beams:
         logger.info(

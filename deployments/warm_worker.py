@@ -1,0 +1,112 @@
+"""A process worker whose flow runs start warm: forked from a process that has imported Prefect.
+
+Prefect's process worker starts every flow run as a new Python interpreter
+(`python -m prefect.engine`) that imports Prefect and the flow before the run is even
+Running: about 2.5 s of CPU on a 2-core host, most of the time from a ready marker to a
+running case. This worker forks each flow run from a multiprocessing fork server that
+imported all of that once, at start-up. The child still runs `prefect.engine` as
+`__main__`, with the run's environment and working folder: pull steps, flow loading,
+states and signal handling are all Prefect's own; only the start-up differs. Two
+things differ from the stock worker: Prefect settings given in a run's job variables
+are not re-read (the fork server read them at start-up; MQI_* variables and the tools'
+environment do apply), and changes to code under tasks/ or config/ take effect when the
+worker restarts (the flow file itself is loaded afresh by every run).
+
+    python -m deployments.warm_worker --pool mqi [--name NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import runpy
+import sys
+import warnings
+from functools import partial
+from uuid import UUID
+
+import anyio
+import anyio.abc
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
+
+from deployments.processes import stop_tree
+
+# What every flow run imports anyway: imported once, in the fork server.
+PRELOAD = ["prefect.engine", "prefect.flow_engine", "flows.case", "flows.sensor", "flows.gpu_monitor"]
+FORKSERVER = multiprocessing.get_context("forkserver")
+CANCEL_POLL_SECONDS = 2.0
+
+
+def run_engine(flow_run_id: str, env: dict[str, str], cwd: str | None) -> None:
+    """In the forked child: `python -m prefect.engine` for this flow run, minus the interpreter start."""
+    os.setpgid(0, 0)  # a group of its own, so cancelling it cannot touch the worker or other runs
+    os.environ.update(env)
+    os.environ["PREFECT__FLOW_RUN_ID"] = flow_run_id
+    os.environ["PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS"] = "false"  # as the stock worker sets
+    if cwd:
+        os.chdir(cwd)
+    sys.argv = ["prefect.engine"]
+    runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
+
+
+# It serves process pools, so it keeps the worker type "process"; Prefect warns that the
+# subclass takes the registry entry of that type in this process, which is what we want.
+warnings.filterwarnings("ignore", message="Type 'WarmProcessWorker' .* key 'process'", category=UserWarning)
+
+
+class WarmProcessWorker(ProcessWorker):
+    """The process worker (same pools, job template and states) with forked flow-run processes."""
+
+    async def run(
+        self,
+        flow_run: FlowRun,
+        configuration: ProcessJobConfiguration,
+        task_status: anyio.abc.TaskStatus[int] | None = None,
+    ) -> ProcessWorkerResult:
+        env = {key: value for key, value in configuration.env.items() if value is not None}
+        cwd = str(configuration.working_dir) if configuration.working_dir else None
+        process = FORKSERVER.Process(target=run_engine, args=(str(flow_run.id), env, cwd))
+        process.start()
+        if task_status is not None:
+            task_status.started(process.pid)
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._cancel_when_asked, flow_run.id, process.pid)
+            await anyio.to_thread.run_sync(process.join, abandon_on_cancel=True)
+            group.cancel_scope.cancel()
+        return ProcessWorkerResult(status_code=process.exitcode or 0, identifier=str(process.pid))
+
+    async def _cancel_when_asked(self, flow_run_id: UUID, pid: int) -> None:
+        """Cancel in the UI: stop the run and every process below it (the tool it runs), then mark it.
+
+        Engine jobs a backend starts detached, to be adopted after a crash, are not below it.
+        """
+        while True:
+            await anyio.sleep(CANCEL_POLL_SECONDS)
+            run = await self.client.read_flow_run(flow_run_id)
+            if run.state_type == StateType.CANCELLING:
+                with anyio.CancelScope(shield=True):  # the run's end must not interrupt marking it
+                    await anyio.to_thread.run_sync(partial(stop_tree, pid, kill_root=True))
+                    await self._mark_flow_run_as_cancelled(run)
+                return
+
+
+async def serve(pool: str, name: str | None) -> None:
+    FORKSERVER.set_forkserver_preload(PRELOAD)
+    multiprocessing.forkserver.ensure_running()  # pay for the imports now, not at the first case
+    await WarmProcessWorker(work_pool_name=pool, name=name).start()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m deployments.warm_worker", description=__doc__)
+    parser.add_argument("--pool", required=True)
+    parser.add_argument("--name")
+    args = parser.parse_args(argv)
+    asyncio.run(serve(args.pool, args.name))
+
+
+if __name__ == "__main__":
+    main()
