@@ -218,6 +218,11 @@ class BackendSettings(Strict):
         min_length=1,
         description="argv of nvidia-smi on the GPU host (`mqi gpus`); the queries are appended.",
     )
+    min_free_memory_mib: int = Field(
+        0,
+        ge=0,
+        description="A free-lease GPU with less free memory than this (per nvidia-smi) is passed over.",
+    )
 
     @field_validator("gpus")
     @classmethod

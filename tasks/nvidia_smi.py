@@ -169,30 +169,50 @@ def gpu_report(settings: Settings) -> GpuReport:
     return query_gpus(backend_runner(backend), settings.backend.nvidia_smi, backend.where)
 
 
-class ForeignProcesses:
-    """A gpu_lease `skip`: pass over a GPU on which nvidia-smi shows processes.
+class BusyGpus:
+    """A gpu_lease `skip`: pass over a GPU that nvidia-smi shows in use by someone else.
 
     Asked only about GPUs whose lease is free, so any process there is not one
     of our running beams: another user's job, or an engine left over by a
-    worker that died. Without nvidia-smi (no driver, stand-in engine) it says
-    nothing. One query serves every GPU for `max_age` seconds.
+    worker that died. A GPU with less free memory than `min_free_mib` is passed
+    over too (a job that hides its processes, or a card too full to run on).
+    Without nvidia-smi (no driver, stand-in engine) it says nothing and the
+    leases alone decide. One query serves every GPU for `max_age` seconds.
     """
 
-    def __init__(self, run: Runner, nvidia_smi: list[str], where: str, max_age: float = 2.0) -> None:
+    def __init__(
+        self, run: Runner, nvidia_smi: list[str], where: str, min_free_mib: int = 0, max_age: float = 2.0
+    ) -> None:
         self._query = lambda: query_gpus(run, nvidia_smi, where)
+        self._min_free = min_free_mib
         self._max_age = max_age
         self._at = -max_age
-        self._busy: dict[int, tuple[GpuProcess, ...]] = {}
+        self._gpus: dict[int, GpuInfo] = {}
 
     def __call__(self, index: int) -> str | None:
         if time.monotonic() - self._at >= self._max_age:
             try:
-                self._busy = {gpu.index: gpu.processes for gpu in self._query().gpus if gpu.processes}
+                self._gpus = {gpu.index: gpu for gpu in self._query().gpus}
             except (RuntimeError, OSError):  # GpuQueryError, a lost connection, a timeout
-                self._busy = {}  # no nvidia-smi view: rely on the leases alone
+                self._gpus = {}
             self._at = time.monotonic()
-        processes = self._busy.get(index)
-        if not processes:
+        gpu = self._gpus.get(index)
+        if gpu is None:
             return None
-        listed = ", ".join(f"pid {p.pid} {p.name} ({p.used_memory_mib} MiB)" for p in processes)
-        return f"nvidia-smi shows process(es) not started by this orchestrator: {listed}"
+        if gpu.processes:
+            listed = ", ".join(f"pid {p.pid} {p.name} ({p.used_memory_mib} MiB)" for p in gpu.processes)
+            return f"nvidia-smi shows process(es) not started by this orchestrator: {listed}"
+        free = gpu.memory_free_mib
+        if free is not None and free < self._min_free:
+            return f"only {free} MiB free, below backend.min_free_memory_mib ({self._min_free} MiB)"
+        return None
+
+
+def busy_gpus(settings: Settings, backend: Backend) -> BusyGpus:
+    """The skip check for `backend`'s GPU host with the configured nvidia-smi and memory floor."""
+    return BusyGpus(
+        backend_runner(backend),
+        settings.backend.nvidia_smi,
+        backend.where,
+        min_free_mib=settings.backend.min_free_memory_mib,
+    )

@@ -29,7 +29,7 @@ from tasks.backends.base import FetchError
 from tasks.engine import engine_failed, judge, progress_of, verify_dose
 from tasks.errors import PermanentError, ToolError, retry_unless_permanent
 from tasks.gpu import gpu_lease
-from tasks.nvidia_smi import ForeignProcesses, backend_runner
+from tasks.nvidia_smi import busy_gpus
 from tasks.tps import BeamInput, with_gpu
 
 
@@ -90,8 +90,7 @@ def _run_job(
         why = job.problem or f"exit {job.exit_code}"
         say(f"{label}: the earlier job in {job.dir} failed ({why}); launching it again")
     backend.stage(beam)
-    foreign = ForeignProcesses(backend_runner(backend), settings.backend.nvidia_smi, backend.where)
-    with gpu_lease(settings, holder, skip=foreign, who=who) as gpu:
+    with gpu_lease(settings, holder, skip=busy_gpus(settings, backend), who=who) as gpu:
         with_gpu(Path(beam.tps_path), gpu)
         job = backend.launch(beam, gpu)
         say(f"{label}: launched on GPU {gpu} of {job.host} (pid {job.pid}, {job.dir})")

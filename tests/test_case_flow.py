@@ -17,6 +17,8 @@ from flows.case import process_case
 from standins.sample_case import write_sample_case
 from tasks.report import artifact_key
 from tasks.rtdose import read_dose_gy
+from tests.conftest import write_config
+from tests.sshd import FIXTURES
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_server")]
 
@@ -108,3 +110,23 @@ def test_engine_failing_once_is_retried_and_the_case_completes(config_file, monk
     assert launches(launch_log) == {"2": 2, "3": 2, "4": 2}
     prov = json.loads((out / "RTDOSE_beam02.provenance.json").read_text())
     assert prov["beams"][0]["attempts"] == 2
+
+
+def test_gpu_that_nvidia_smi_shows_busy_with_a_foreign_process_is_not_used(tmp_path, monkeypatch):
+    smi = tmp_path / "smi"
+    smi.mkdir()
+    (smi / "gpus.csv").write_text(
+        "0, GPU-aaa, NVIDIA A100, 40960, 30000, 10960, 50, 90\n"
+        "1, GPU-bbb, NVIDIA A100, 40960, 0, 40960, 30, 0\n"
+    )
+    (smi / "apps.csv").write_text("31337, GPU-aaa, /home/someone/train.py, 30000\n")
+    monkeypatch.setenv("FAKE_NVIDIA_SMI_DIR", str(smi))
+    config = write_config(tmp_path, {"backend": {"nvidia_smi": ["sh", str(FIXTURES / "nvidia-smi")]}})
+    _, state, _, launch_log = run_case(config, "CASE-FOREIGN", monkeypatch)
+    assert state.is_completed(), state.message
+    gpus = [
+        json.loads(line)["gpu"]
+        for line in launch_log.read_text().splitlines()
+        if json.loads(line)["tool"] == "engine" and json.loads(line)["event"] == "start"
+    ]
+    assert gpus == [1, 1, 1]

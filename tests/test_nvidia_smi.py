@@ -11,7 +11,7 @@ from config import load_settings
 from deployments.cli import main
 from tasks.backends.local import LocalBackend
 from tasks.nvidia_smi import (
-    ForeignProcesses,
+    BusyGpus,
     GpuQueryError,
     backend_runner,
     gpu_report,
@@ -105,12 +105,14 @@ def test_gpu_report_over_ssh(ssh_config, hpc, sshd):
     assert [p.pid for p in report.gpus[0].processes] == [4242, 777]
 
 
-def test_foreign_processes_make_a_gpu_skipped(local, tmp_path):
-    fake_nvidia_smi(tmp_path / "smi", GPUS, APPS)
-    skip = ForeignProcesses(backend_runner(local), local.settings.backend.nvidia_smi, local.where)
+def test_gpus_with_foreign_processes_or_too_little_memory_are_skipped(local, tmp_path):
+    fake_nvidia_smi(tmp_path / "smi", GPUS + "3, GPU-ddd, NVIDIA A100, 40960, 39000, 1960, 30, 0\n", APPS)
+    skip = BusyGpus(backend_runner(local), local.settings.backend.nvidia_smi, local.where, min_free_mib=2048)
     assert "pid 4242 /opt/moqui/tps_env (2048 MiB)" in skip(0)
-    assert skip(1) is None
-    missing = ForeignProcesses(backend_runner(local), ["/opt/none/nvidia-smi"], local.where)
+    assert skip(1) is None  # free memory N/A: not known to be too full
+    assert skip(3) == "only 1960 MiB free, below backend.min_free_memory_mib (2048 MiB)"
+    assert skip(7) is None  # not listed by nvidia-smi: the leases alone decide
+    missing = BusyGpus(backend_runner(local), ["/opt/none/nvidia-smi"], local.where)
     assert missing(0) is None  # no nvidia-smi view: the leases alone decide
 
 
