@@ -11,9 +11,10 @@ We talk to the lease API directly rather than through `concurrency()`:
 taking "any one free GPU of N" needs a non-blocking try per GPU, and
 `concurrency(max_retries=0)` logs every busy GPU as an error. Waiting is
 fair and cheap: within a process, beams queue in arrival order and only the
-head of the queue asks the server, every `POLL_SECONDS`, instead of every
-waiter sleeping on Retry-After. Each lease and release is also sent as an
-event (`mqi.gpu.leased` / `mqi.gpu.released`, resource `mqi.gpu.<host>.<index>`)
+head of the queue asks the server, instead of every waiter sleeping on
+Retry-After; it asks again as soon as any GPU of the host is released
+(tasks/gpu_wakeup.py). Each lease and release is also sent as an event
+(`mqi.gpu.leased` / `mqi.gpu.released`, resource `mqi.gpu.<host>.<index>`)
 so `mqi gpus` and the GPU monitor can say who holds a GPU and since when.
 """
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import contextvars
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -38,16 +38,11 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_logger
 
 from config.settings import Settings
+from tasks.gpu_wakeup import RELEASED, gpu_resource, release_signal
 
 logger = get_logger("mqi.gpu")
 
-
-POLL_SECONDS = 0.1  # how often the head of the waiting queue asks the server for a GPU
-LEASED, RELEASED = "mqi.gpu.leased", "mqi.gpu.released"
-
-
-def gpu_resource(host: str, index: int) -> str:
-    return f"mqi.gpu.{host}.{index}"
+LEASED = "mqi.gpu.leased"
 
 
 def ensure_gpu_limits(settings: Settings) -> dict[str, list[str]]:
@@ -229,10 +224,12 @@ def _acquire(
     candidates: Sequence[int],
     skip: SkipReason | None,
 ) -> tuple[UUID, int]:
-    """Poll until one of `candidates` is free (and not in use outside our control); take it."""
+    """Ask until one of `candidates` is free (and not in use outside our control); take it."""
     host = settings.backend.host
+    released = release_signal(host)
     told: dict[int, str] = {}
     while True:
+        seen = released.count()  # before reading: a release from now on ends the wait below
         for index in _free_gpus(client, settings, candidates):
             reason = skip(index) if skip is not None else None
             if reason is not None:
@@ -243,7 +240,7 @@ def _acquire(
             lease_id = _try_acquire(client, settings.gpu_limit_name(index), settings, holder)
             if lease_id is not None:  # None: another process took it between our read and our write
                 return lease_id, index
-        time.sleep(POLL_SECONDS)  # polling the server is the wait; it is the only coordinator
+        released.wait(seen)
 
 
 @contextmanager
@@ -286,4 +283,5 @@ def gpu_lease(
                 client.release_concurrency_slots_with_lease(lease_id)
             except Exception as error:  # the lease still expires on its own
                 logger.warning("could not release GPU %s lease %s: %s", index, lease_id, error)
+            release_signal(host).released()  # this process's waiters: no need to wait for the event
             emit_event(RELEASED, resource=resource, payload={**(who or {}), "lease_id": str(lease_id)})

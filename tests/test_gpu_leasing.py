@@ -18,6 +18,7 @@ from prefect.client.orchestration import get_client
 
 from config import load_settings
 from standins.sample_case import write_sample_case
+from tasks import gpu_wakeup
 from tasks.gpu import GpuLimitMissing, ensure_gpu_limits, gpu_lease, gpu_status
 from tasks.moqui_input import read_tps
 from tests.conftest import write_config
@@ -194,6 +195,42 @@ def test_server_restart_while_a_gpu_is_held_leaks_no_slot(use_server, tmp_path):
         assert holder.wait(timeout=60) == 0
     finally:
         holder.kill()
+    assert not leased(settings, 0)
+
+
+def test_release_in_another_process_wakes_the_waiter_through_the_event_stream(
+    use_server, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(gpu_wakeup, "POLL_SECONDS", 600)  # only the release event can wake the waiter
+    monkeypatch.setattr(gpu_wakeup, "FALLBACK_SECONDS", 600)
+    config = write_config(tmp_path, {"backend": {"host": "wakeup", "gpus": [0]}})
+    settings = load_settings(config, env={})
+    ensure_gpu_limits(settings)
+    signal = gpu_wakeup.release_signal("wakeup")
+    signal.follow()
+    assert wait_for(lambda: signal.following, bool)
+    waiting = threading.Event()
+    wait = signal.wait
+    monkeypatch.setattr(signal, "wait", lambda seen: (waiting.set(), wait(seen)))
+    holder = start_holder(use_server, config, "1")
+    got: list[int] = []
+
+    def take() -> None:
+        with gpu_lease(settings) as gpu:
+            got.append(gpu)
+
+    try:
+        assert holder.stdout.readline().strip() == "holding 0"
+        waiter = threading.Thread(target=contextvars.copy_context().run, args=(take,))
+        waiter.start()
+        assert waiting.wait(timeout=60)  # the waiter found GPU 0 taken and waits
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "released"
+        waiter.join(timeout=60)
+    finally:
+        holder.kill()
+    assert got == [0]
     assert not leased(settings, 0)
 
 

@@ -1,0 +1,113 @@
+"""Wake GPU waiters the moment a GPU is released, here or anywhere else.
+
+Waiting for a GPU means asking the server whether a limit has a free slot.
+Asking often makes hand-offs fast but loads the server that every case run
+also writes to; asking rarely leaves GPUs idle between beams. Instead, each
+release is an event (`mqi.gpu.released`) and each process follows those
+events on the server's event stream: its waiters ask again as soon as a GPU
+of their host is released (by this process: at once; by another: when the
+event arrives) and otherwise only every `FALLBACK_SECONDS`, which covers
+leases that expired because their holder died. The server still decides who
+gets a GPU; the events only say when asking is worthwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from datetime import UTC, datetime
+
+from prefect.events.clients import get_events_subscriber
+from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+from prefect.logging import get_logger
+from prefect.settings import PREFECT_API_URL
+
+logger = get_logger("mqi.gpu")
+
+RELEASED = "mqi.gpu.released"
+POLL_SECONDS = 0.1  # how often to ask while the event stream is not (yet) followed
+FALLBACK_SECONDS = 2.0  # how often to ask anyway while it is
+RECONNECT_SECONDS = 2.0
+
+
+def gpu_resource(host: str, index: int) -> str:
+    return f"mqi.gpu.{host}.{index}"
+
+
+class ReleaseSignal:
+    """A counter of GPU releases on one host, bumped locally and from the server's event stream."""
+
+    def __init__(self, host: str) -> None:
+        self._host = host
+        self._cond = threading.Condition()
+        self._count = 0
+        self._following = False
+        self._thread: threading.Thread | None = None
+
+    def count(self) -> int:
+        with self._cond:
+            return self._count
+
+    def released(self) -> None:
+        with self._cond:
+            self._count += 1
+            self._cond.notify_all()
+
+    @property
+    def following(self) -> bool:
+        """Whether the server's release events are being received (else waiters poll often)."""
+        with self._cond:
+            return self._following
+
+    def wait(self, seen: int) -> None:
+        """Return once a release happened after `seen` was read, or when it is time to ask anyway."""
+        self.follow()
+        with self._cond:
+            timeout = FALLBACK_SECONDS if self._following else POLL_SECONDS
+            self._cond.wait_for(lambda: self._count != seen, timeout)
+
+    def follow(self) -> None:
+        """Start following the server's release events (once per process and server)."""
+        with self._cond:
+            if self._thread is None:  # with our context: the same Prefect settings and server
+                self._thread = threading.Thread(
+                    target=contextvars.copy_context().run,
+                    args=(asyncio.run, self._follow()),
+                    name=f"mqi-gpu-releases-{self._host}",
+                    daemon=True,
+                )
+                self._thread.start()
+
+    def _set_following(self, value: bool) -> None:
+        with self._cond:
+            self._following = value
+
+    async def _follow(self) -> None:
+        while True:
+            released = EventFilter(
+                occurred=EventOccurredFilter(since=datetime.now(UTC)),
+                event=EventNameFilter(name=[RELEASED]),
+                resource=EventResourceFilter(id_prefix=[f"mqi.gpu.{self._host}."]),
+            )
+            try:
+                async with get_events_subscriber(filter=released, reconnection_attempts=0) as events:
+                    self._set_following(True)
+                    async for _ in events:
+                        self.released()
+            except Exception as error:  # the server is down or restarting: poll meanwhile
+                logger.debug("GPU release events of %s not followed: %s", self._host, error)
+            self._set_following(False)
+            self.released()  # a release may have been missed while disconnected
+            await asyncio.sleep(RECONNECT_SECONDS)
+
+
+_signals: dict[tuple[str, str], ReleaseSignal] = {}
+_signals_lock = threading.Lock()
+
+
+def release_signal(host: str) -> ReleaseSignal:
+    """The process's release signal for `host` on the current Prefect server."""
+    key = (str(PREFECT_API_URL.value()), host)
+    with _signals_lock:
+        return _signals.setdefault(key, ReleaseSignal(host))
