@@ -21,26 +21,23 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from standins.sample_case import write_sample_case
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.mqi_up import mqi_up, wait
+
 MEDIAN_GOAL = 3.0
 P95_GOAL = 6.0
-START_TIMEOUT = 300
 RUN_TIMEOUT = 300
 SHIPPED = "mqi up (warm worker, poll 0.5 s)"
 BASELINE = "baseline (Prefect process worker, poll 10 s)"
@@ -55,21 +52,6 @@ class Sample:
     @property
     def latency(self) -> float:
         return self.stages["RUNNING"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait(what: str, check, timeout: float, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise SystemExit(f"gave up waiting {timeout} s for {what}")
-        time.sleep(poll)
-    return value
 
 
 def case_run(client: SyncPrefectClient, case_id: str):
@@ -96,39 +78,18 @@ def measure(client: SyncPrefectClient, scan: Path, case_id: str, beams: int) -> 
 
 
 def run_configuration(label: str, options: list[str], cases: int, beams: int, root: Path) -> list[Sample]:
-    root.mkdir(parents=True)
-    config = root / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "data_root": str(root / "data"),
-                "tps": {"phantom": {"dims": [40, 40, 40], "unit_mm": [5.0, 5.0, 5.0]}},
-                "backend": {"host": f"bench-{label}", "gpus": [0, 1, 2]},
-            }
-        )
-    )
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    out = root / "up.out"
-    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    mqi = str(Path(sys.executable).with_name("mqi"))
-    argv = [mqi, "--config", str(config), "up", "--port", str(port), *options]
-    with out.open("wb") as log:
-        up = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    config = {
+        "tps": {"phantom": {"dims": [40, 40, 40], "unit_mm": [5.0, 5.0, 5.0]}},
+        "backend": {"host": f"bench-{label}", "gpus": [0, 1, 2]},
+    }
     samples = []
-    try:
-        wait("mqi up", lambda: up.poll() is not None or "is up" in out.read_text(), START_TIMEOUT, poll=0.5)
-        if up.poll() is not None:
-            raise SystemExit(f"mqi up exited with {up.returncode}:\n{out.read_text()}")
+    with mqi_up(root, config, options) as api:
         scan = root / "data" / "scan"
         with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
             for n in range(cases):
                 sample = measure(client, scan, f"DET-{label}-{n:02d}", beams)
                 print(f"  {sample.case_id}: {sample.latency:.2f} s", flush=True)
                 samples.append(sample)
-    finally:
-        up.send_signal(signal.SIGINT)
-        up.wait(timeout=120)
     return samples
 
 

@@ -1,16 +1,24 @@
 """GPU scheduling benchmark: many case flows competing for a few GPUs.
 
-Starts a Prefect server with the project's settings, then submits CASES case
-runs of BEAMS beams at once (one `mqi run` process per case, as a process
-worker would), with the stand-in engine taking exactly D seconds on
-GPU_COUNT virtual GPUs. From the engine's launch records it prints:
+Submits CASES case runs of BEAMS beams at once, with the stand-in engine
+taking exactly D seconds on GPU_COUNT virtual GPUs, in one of two ways:
+
+- `--via up` (default, the production path): `mqi up` runs the service and
+  the CASES ready case folders are written into its scan folder at once; the
+  sensor starts the runs, the warm worker runs them (at most one case run per
+  GPU at a time, the rest queued);
+- `--via processes`: a bare Prefect server with the project's settings and
+  one `mqi run` process per case, all started at once (every case competes
+  for the GPUs, and for this machine's CPUs, from the start).
+
+From the engine's launch records it prints:
 
 - makespan: first engine start -> last engine end (the GPUs' busy window);
 - ideal makespan: ceil(beams / GPUs) * D, and the ratio (goal <= 1.10);
 - the gap between one engine exiting and the next starting on the same GPU:
   median and max (goal: median <= 0.5 s).
 
-Usage: python benchmarks/scheduling.py [--cases 10] [--beams 4] [--gpus 4] [--duration 5]
+Usage: python benchmarks/scheduling.py [--via up|processes] [--cases 10] [--beams 4] [--gpus 4] [--duration 5]
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,25 +37,75 @@ from collections import defaultdict
 from pathlib import Path
 
 import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+from prefect.client.schemas.objects import FlowRun
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.mqi_up import mqi_up, wait  # noqa: E402
 from standins.sample_case import write_sample_case  # noqa: E402
 from tests.local_server import LocalServer  # noqa: E402
 
 
-def write_config(root: Path, gpus: int) -> Path:
-    config = {
-        "data_root": str(root / "data"),
+def bench_config(gpus: int) -> dict:
+    return {
         "engine": {"poll_seconds": 0.2, "retries": 0},
         "tps": {"phantom": {"dims": [40, 40, 40], "unit_mm": [5.0, 5.0, 5.0]}},
         "backend": {"host": "bench", "gpus": list(range(gpus))},
     }
+
+
+def run_processes(root: Path, args: argparse.Namespace, env: dict[str, str]) -> tuple[list[str], float]:
+    """One `mqi run` process per case against a bare server; the cases that failed, and seconds taken."""
+    (root / "home").mkdir()
     (root / "data" / "engine").mkdir(parents=True)
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump({"data_root": str(root / "data"), **bench_config(args.gpus)}))
+    server = LocalServer(root / "home")
+    server.start()
+    try:
+        cases = [
+            write_sample_case(root / "data" / "scan", f"BENCH{k:02d}", beams=args.beams)
+            for k in range(args.cases)
+        ]
+        submitted = time.time()
+        runs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "deployments.cli", "--config", str(config), "run", str(case)],
+                env={**server.env(), **env},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for case in cases
+        ]
+        failed = [case.name for case, run in zip(cases, runs, strict=True) if run.wait() != 0]
+        return failed, time.time() - submitted
+    finally:
+        server.stop()
+
+
+def run_service(root: Path, args: argparse.Namespace, env: dict[str, str]) -> tuple[list[str], float]:
+    """Ready case folders written at once into `mqi up`'s scan folder; those that failed, seconds taken."""
+    names = [f"BENCH{k:02d}" for k in range(args.cases)]
+    with mqi_up(root, bench_config(args.gpus), env=env) as api:
+        submitted = time.time()
+        for name in names:
+            write_sample_case(root / "data" / "scan", name, beams=args.beams)
+        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+
+            def finished() -> list[FlowRun] | None:
+                runs = client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=names))
+                )
+                done = [run for run in runs if run.state is not None and run.state.is_final()]
+                return done if len(done) == len(names) else None
+
+            runs = wait(f"{len(names)} case runs to finish", finished, timeout=1800, poll=0.5)
+            taken = time.time() - submitted
+    return [f"{run.name}: {run.state.message}" for run in runs if not run.state.is_completed()], taken
 
 
 def engine_spans(launch_log: Path) -> dict[str, list[tuple[float, float]]]:
@@ -63,45 +123,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--via", choices=["up", "processes"], default="up")
     parser.add_argument("--cases", type=int, default=10)
     parser.add_argument("--beams", type=int, default=4)
     parser.add_argument("--gpus", type=int, default=4)
     parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--keep-log", type=Path, help="copy the stand-in launch records here, for analysis")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="mqi-sched-") as tmp:
         root = Path(tmp)
-        (root / "home").mkdir()
-        server = LocalServer(root / "home")
-        server.start()
-        try:
-            config = write_config(root, args.gpus)
-            scan = root / "data" / "scan"
-            cases = [write_sample_case(scan, f"BENCH{k:02d}", beams=args.beams) for k in range(args.cases)]
-            launch_log = root / "launches.jsonl"
-            env = {
-                **server.env(),
-                "MQI_STANDIN_LAUNCH_LOG": str(launch_log),
-                "MQI_STANDIN_ENGINE_DURATION": str(args.duration),
-            }
-            submitted = time.time()
-            runs = [
-                subprocess.Popen(
-                    [sys.executable, "-m", "deployments.cli", "--config", str(config), "run", str(c)],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                for c in cases
-            ]
-            codes = [run.wait() for run in runs]
-            finished = time.time()
-        finally:
-            server.stop()
-        if any(codes):
-            print(f"some case runs failed: exit codes {codes}")
+        launch_log = root / "launches.jsonl"
+        env = {"MQI_STANDIN_LAUNCH_LOG": str(launch_log), "MQI_STANDIN_ENGINE_DURATION": str(args.duration)}
+        print(f"{os.cpu_count()} CPUs, load average before: {os.getloadavg()[0]:.2f}; via {args.via}")
+        failed, taken = (run_service if args.via == "up" else run_processes)(root, args, env)
+        if failed:
+            print(f"some case runs failed: {failed}")
             return 1
         spans = engine_spans(launch_log)
+        if args.keep_log:
+            shutil.copy(launch_log, args.keep_log)
 
     total = sum(len(s) for s in spans.values())
     first = min(s[0][0] for s in spans.values())
@@ -114,8 +155,8 @@ def main() -> int:
         f"on {args.gpus} GPUs"
     )
     print(
-        f"submission -> last case finished: {finished - submitted:.1f} s "
-        f"(includes process start-up, interpreter, conversion)"
+        f"submission -> last case finished: {taken:.1f} s "
+        f"(includes detection, flow start-up, interpreter, conversion)"
     )
     print(f"makespan (first engine start -> last engine end): {makespan:.1f} s")
     print(f"ideal makespan ceil({total}/{args.gpus}) x {args.duration:g}: {ideal:.1f} s")

@@ -333,7 +333,7 @@ class DicomSettings(Strict):
 
 
 class SensorSettings(Strict):
-    """The file sensor: when a case folder in the scan folder becomes a case run."""
+    """The file sensor: when a case folder in the scan folder becomes a case run, and how many run."""
 
     poll_seconds: float = Field(
         0.5, gt=0, le=60, description="How often the scan folder is checked for new or changed cases."
@@ -359,6 +359,12 @@ class SensorSettings(Strict):
     room_folders: list[str] = Field(
         default=["G1", "G2"],
         description="Subfolders of the scan folder that hold the cases of one gantry room (scan/G2/<case>).",
+    )
+    max_running_cases: int | None = Field(
+        None,
+        ge=1,
+        description="Case runs at a time under `mqi up`; the others wait in the queue. null: two per "
+        "GPU, so that while one case of a GPU prepares or converts, another has a beam ready for it.",
     )
     case_deployment: str = Field(
         "process-case/case",
@@ -445,6 +451,9 @@ class Settings(Strict):
 
     def gpu_limit_names(self) -> list[str]:
         return [self.gpu_limit_name(index) for index in self.backend.gpus]
+
+    def max_running_cases(self) -> int:
+        return self.sensor.max_running_cases or 2 * len(self.backend.gpus)
 
 
 def python_executable() -> str:

@@ -2,7 +2,7 @@
 
 `mqi up` brings up, in the foreground, everything that turns dropped case folders into
 finished runs: a Prefect server on 127.0.0.1 (or the healthy one already at the URL),
-the work pool (at most one case run per GPU at a time, the others queued) and GPU
+the work pool (at most `sensor.max_running_cases` case runs at a time, the others queued) and GPU
 limits, the deployments of prefect.yaml, a worker that polls every 0.5 s (Prefect's
 default is 10 s: a case would wait up to 10 s for it), and a run of the file-sensor
 deployment. The worker is deployments/warm_worker.py (flow runs forked from a process
@@ -323,7 +323,7 @@ def up(
             pools = sorted({pool for pool, _ in work_queues().values()})
             for pool in pools:
                 ensure_work_pool(client, pool)
-            limit_case_queue(client, settings, len(settings.backend.gpus))
+            limit_case_queue(client, settings, settings.max_running_cases())
             ensure_gpu_limits(settings)
             print("deploying prefect.yaml ...")
             deploy(api)

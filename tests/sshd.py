@@ -19,18 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+from tests.local_server import free_port
+
 SSHD = Path("/usr/sbin/sshd")
 FIXTURES = Path(__file__).parent / "fixtures"
 NO_PROCESSES_GPUS = (
     "0, GPU-0a1b2c3d-0000-0000-0000-000000000000, NVIDIA A100-SXM4-40GB, 40960, 4, 40536, 31, 0\n"
     "1, GPU-0a1b2c3d-1111-1111-1111-111111111111, NVIDIA A100-SXM4-40GB, 40960, 4, 40536, 33, 0\n"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def keygen(path: Path, passphrase: str = "") -> Path:
