@@ -13,7 +13,11 @@ taking "any one free GPU of N" needs a non-blocking try per GPU, and
 fair and cheap: within a process, beams queue in arrival order and only the
 head of the queue asks the server, instead of every waiter sleeping on
 Retry-After; it asks again as soon as any GPU of the host is released
-(tasks/gpu_wakeup.py). Each lease and release is also sent as an event
+(tasks/gpu_wakeup.py). A beam that ends while another beam of the same
+process waits hands its lease straight to it: the slot stays taken on the
+server (still one engine per GPU), and the next engine starts without a
+round trip to a server that, under load, can take seconds to grant a slot.
+Each lease and release is also sent as an event
 (`mqi.gpu.leased` / `mqi.gpu.released`, resource `mqi.gpu.<host>.<index>`)
 so `mqi gpus` and the GPU monitor can say who holds a GPU and since when.
 """
@@ -157,7 +161,7 @@ def _try_acquire(
 
 
 def _renew_until(stop: threading.Event, lease_id: UUID, duration: float) -> None:
-    """Keep the lease alive while the engine runs; if we die, it expires after `duration`."""
+    """Keep the lease alive while engines run on it; if we die, it expires after `duration`."""
     with get_client(sync_client=True) as client:
         while not stop.wait(duration / 3):
             try:
@@ -166,12 +170,47 @@ def _renew_until(stop: threading.Event, lease_id: UUID, duration: float) -> None
                 logger.warning("could not renew GPU lease %s: %s", lease_id, error)
 
 
+class _Lease:
+    """One GPU slot held on the server, kept alive by a renewal thread until given back."""
+
+    def __init__(self, settings: Settings, lease_id: UUID, index: int) -> None:
+        self.lease_id, self.index, self.host = lease_id, index, settings.backend.host
+        self.resource = {
+            "prefect.resource.id": gpu_resource(self.host, index),
+            "prefect.resource.name": settings.gpu_limit_name(index),
+        }
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(  # with our context: the same Prefect settings and server
+            target=contextvars.copy_context().run,
+            args=(_renew_until, self._stop, lease_id, settings.backend.gpu_lease_seconds),
+            daemon=True,
+        )
+        self._renewer.start()
+
+    def announce(self, event: str, who: Mapping[str, str] | None) -> None:
+        emit_event(event, resource=self.resource, payload={**(who or {}), "lease_id": str(self.lease_id)})
+
+    def give_back(self, client: SyncPrefectClient) -> None:
+        self._stop.set()
+        self._renewer.join()
+        try:
+            client.release_concurrency_slots_with_lease(self.lease_id)
+        except Exception as error:  # the lease still expires on its own
+            logger.warning("could not release GPU %s lease %s: %s", self.index, self.lease_id, error)
+        release_signal(self.host).released()  # this process's waiters: no need to wait for the event
+
+
 class _Queue:
-    """Arrival order for the beams of this process waiting for any GPU of one host."""
+    """Arrival order for the beams of this process waiting for any GPU of one host.
+
+    It also carries leases handed over by beams that ended while others waited;
+    the head of the queue takes them before asking the server.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._tickets: deque[object] = deque()
+        self._handed: deque[_Lease] = deque()
 
     @contextmanager
     def turn(self) -> Iterator[None]:
@@ -184,7 +223,31 @@ class _Queue:
         finally:
             with self._cond:
                 self._tickets.popleft()
+                orphans: list[_Lease] = []
+                if not self._tickets:
+                    orphans, self._handed = list(self._handed), deque()
                 self._cond.notify_all()
+            if orphans:  # the last waiter failed (server error): give the handed GPUs back
+                with get_client(sync_client=True) as client:
+                    for lease in orphans:
+                        lease.give_back(client)
+
+    def hand_over(self, lease: _Lease) -> bool:
+        """Give `lease` to the beam at the head of the queue; False if no beam waits."""
+        with self._cond:
+            if not self._tickets:
+                return False
+            self._handed.append(lease)
+        release_signal(lease.host).released()  # wakes the head, waiting for a release
+        return True
+
+    def take_handed(self, candidates: Sequence[int]) -> _Lease | None:
+        with self._cond:
+            for lease in self._handed:
+                if lease.index in candidates:
+                    self._handed.remove(lease)
+                    return lease
+            return None
 
 
 _queues: dict[str, _Queue] = {}
@@ -223,13 +286,20 @@ def _acquire(
     holder: ConcurrencyLeaseHolder | None,
     candidates: Sequence[int],
     skip: SkipReason | None,
-) -> tuple[UUID, int]:
-    """Ask until one of `candidates` is free (and not in use outside our control); take it."""
+    queue: _Queue | None,
+) -> _Lease:
+    """Ask until one of `candidates` is free (and not in use outside our control); take it.
+
+    A lease handed over in `queue` is taken first: it is a GPU our own engine just left.
+    """
     host = settings.backend.host
     released = release_signal(host)
     told: dict[int, str] = {}
     while True:
         seen = released.count()  # before reading: a release from now on ends the wait below
+        handed = queue.take_handed(candidates) if queue is not None else None
+        if handed is not None:
+            return handed
         for index in _free_gpus(client, settings, candidates):
             reason = skip(index) if skip is not None else None
             if reason is not None:
@@ -239,7 +309,7 @@ def _acquire(
                 continue
             lease_id = _try_acquire(client, settings.gpu_limit_name(index), settings, holder)
             if lease_id is not None:  # None: another process took it between our read and our write
-                return lease_id, index
+                return _Lease(settings, lease_id, index)
         released.wait(seen)
 
 
@@ -257,31 +327,17 @@ def gpu_lease(
     `skip(index)` returns why a GPU must be passed over (e.g. nvidia-smi shows
     a foreign process); `who` (case_id, beam) is published with the lease.
     """
-    host, duration = settings.backend.host, settings.backend.gpu_lease_seconds
+    queue = _queue(settings.backend.host)
     with get_client(sync_client=True) as client:
         if only is None:
-            with _queue(host).turn():
-                lease_id, index = _acquire(client, settings, holder, settings.backend.gpus, skip)
+            with queue.turn():
+                lease = _acquire(client, settings, holder, settings.backend.gpus, skip, queue)
         else:
-            lease_id, index = _acquire(client, settings, holder, only, skip)
-        resource = {
-            "prefect.resource.id": gpu_resource(host, index),
-            "prefect.resource.name": settings.gpu_limit_name(index),
-        }
-        emit_event(LEASED, resource=resource, payload={**(who or {}), "lease_id": str(lease_id)})
-        stop = threading.Event()
-        renewer = threading.Thread(  # with our context: the same Prefect settings and server
-            target=contextvars.copy_context().run, args=(_renew_until, stop, lease_id, duration), daemon=True
-        )
-        renewer.start()
+            lease = _acquire(client, settings, holder, only, skip, None)
+        lease.announce(LEASED, who)
         try:
-            yield index
+            yield lease.index
         finally:
-            stop.set()
-            renewer.join()
-            try:
-                client.release_concurrency_slots_with_lease(lease_id)
-            except Exception as error:  # the lease still expires on its own
-                logger.warning("could not release GPU %s lease %s: %s", index, lease_id, error)
-            release_signal(host).released()  # this process's waiters: no need to wait for the event
-            emit_event(RELEASED, resource=resource, payload={**(who or {}), "lease_id": str(lease_id)})
+            lease.announce(RELEASED, who)
+            if not queue.hand_over(lease):
+                lease.give_back(client)

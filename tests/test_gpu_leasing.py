@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
 from config import load_settings
 from standins.sample_case import write_sample_case
@@ -232,6 +233,43 @@ def test_release_in_another_process_wakes_the_waiter_through_the_event_stream(
         holder.kill()
     assert got == [0]
     assert not leased(settings, 0)
+
+
+def test_beam_ending_while_another_of_its_process_waits_hands_its_gpu_over(use_server, tmp_path, monkeypatch):
+    settings = load_settings(write_config(tmp_path, {"backend": {"host": "handoff", "gpus": [0]}}), env={})
+    ensure_gpu_limits(settings)
+    signal = gpu_wakeup.release_signal("handoff")
+    waiting = threading.Event()
+    wait = signal.wait
+    monkeypatch.setattr(signal, "wait", lambda seen: (waiting.set(), wait(seen)))
+    got: list[tuple[int, bool]] = []
+
+    def second() -> None:
+        with gpu_lease(settings, who={"case_id": "C", "beam": "2"}) as gpu:
+            got.append((gpu, leased(settings, gpu)))
+
+    with gpu_lease(settings, who={"case_id": "C", "beam": "1"}):
+        waiter = threading.Thread(target=contextvars.copy_context().run, args=(second,))
+        waiter.start()
+        assert waiting.wait(timeout=60)  # beam 2 waits for the only GPU
+    waiter.join(timeout=60)
+    assert got == [(0, True)]
+    assert not leased(settings, 0)  # given back to the server once nobody waits
+
+    def leases() -> list[dict]:
+        with get_client(sync_client=True) as client:
+            page = client.read_events(
+                filter=EventFilter(
+                    event=EventNameFilter(name=["mqi.gpu.leased"]),
+                    resource=EventResourceFilter(id=["mqi.gpu.handoff.0"]),
+                ),
+                limit=10,
+            )
+        return [event.payload for event in page.events]
+
+    payloads = wait_for(leases, lambda found: len(found) == 2)
+    assert {p["beam"] for p in payloads} == {"1", "2"}
+    assert payloads[0]["lease_id"] == payloads[1]["lease_id"]  # one server lease, handed over
 
 
 def test_sync_creates_updates_and_disables(use_server, tmp_path):
