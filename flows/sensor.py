@@ -202,8 +202,7 @@ class FileSensor:
 
     def _report_waiting(self, case: ReadyCase) -> None:
         waiting = self.watcher.waiting(case)
-        if waiting is None:  # it changed between the verdict and now: the next poll runs it
-            return
+        assert waiting is not None, "the watcher reports only cases that wait"
         waited = self.settings.sensor.settle_seconds + self.settings.sensor.incomplete_report_seconds
         message = (
             f"case {case.folder.name} ({case.folder.path}) is ready ({case.by}) but {waiting.text} "
