@@ -350,11 +350,18 @@ class SensorSettings(Strict):
         description="null: a case is ready only with the ready marker; a number: also once no file "
         "has changed for this long (sources that write no marker).",
     )
+    settle_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="A case runs only once none of its files has changed for this long, marker or "
+        "not: a transfer that writes the marker early must not start a run on growing files.",
+    )
     incomplete_report_seconds: float = Field(
         600,
         ge=0,
-        description="A ready case with fewer delivery folders than treatment beams waits; after this "
-        "long it is reported (log and an mqi.case.incomplete event).",
+        description="A ready case with fewer delivery folders than treatment beams, or whose files "
+        "keep changing, waits; after settle_seconds + this long it is reported (log and an "
+        "mqi.case.incomplete event).",
     )
     room_folders: list[str] = Field(
         default=["G1", "G2"],

@@ -32,7 +32,7 @@ from prefect.states import AwaitingRetry
 
 from config import load_settings
 from config.settings import Settings
-from tasks.readiness import CaseWatcher, ReadyCase, room_tag
+from tasks.readiness import CaseWatcher, ReadyCase, room_tag, shown
 
 KEY_LOOKUP_CHUNK = 100  # idempotency keys per query when matching ready cases to existing runs
 
@@ -103,10 +103,24 @@ class FileSensor:
         # logged once, not every poll; cleared when that thing works again.
         self._said: dict[str, str] = {}
 
-    def _complain_once(self, about: str, message: str) -> None:
-        if self._said.get(about) != message:
-            self._said[about] = message
-            self.logger.error(message)
+    def _complain_once(self, about: str, message: str) -> bool:
+        """Log `message` unless it was the last thing said about `about`; whether it was logged."""
+        if self._said.get(about) == message:
+            return False
+        self._said[about] = message
+        self.logger.error(message)
+        return True
+
+    def _reject(self, folder: Path, reason: str) -> None:
+        """A folder the sensor does not run: said once per reason, in the log and as an event."""
+        name = shown(folder.relative_to(self.watcher.scan_dir))
+        message = f"case folder {name!r} ({shown(folder)}) not run: {reason}"
+        if self._complain_once(str(folder), message):
+            emit_event(
+                event="mqi.case.rejected",
+                resource={"prefect.resource.id": f"mqi.case.{name}", "mqi.case.dir": shown(folder)},
+                payload={"reason": reason, "message": message},
+            )
 
     def poll(self) -> None:
         """Look once; a folder that cannot be read or run is reported and skipped, never fatal."""
@@ -117,8 +131,8 @@ class FileSensor:
             self._complain_once(scan, f"scan folder {scan}: {error}")
             return
         self._said.pop(scan, None)
-        for folder, reason in self.watcher.unreadable.items():
-            self._complain_once(str(folder), f"case folder {folder}: {reason}; skipped until it can be read")
+        for folder, reason in self.watcher.skipped.items():
+            self._reject(folder, reason)
         if not ready:
             return
         try:
@@ -153,10 +167,10 @@ class FileSensor:
         verdict = self.watcher.verdict(case)
         if verdict == "wait":
             return
-        inspection = self.watcher.inspection(case)
         if verdict == "report":
-            self._report_incomplete(case, inspection.missing_deliveries)
+            self._report_waiting(case)
             return
+        inspection = self.watcher.inspection(case)
         if inspection.problems:
             self.logger.warning(
                 "case %s has %d problem(s); its run will fail at discovery:\n  %s",
@@ -186,22 +200,25 @@ class FileSensor:
             "case %s ready (%s, %d files): run %s started", case.folder.name, case.by, case.files, run.name
         )
 
-    def _report_incomplete(self, case: ReadyCase, missing: list[int]) -> None:
-        beams = ", ".join(str(number) for number in missing)
-        waited = self.settings.sensor.incomplete_report_seconds
-        self.logger.warning(
-            "case %s (%s) is ready (%s) but treatment beam(s) %s have no delivery folder after %g s; "
-            "not run: it runs when the delivery folders arrive",
-            case.folder.name,
-            case.folder.path,
-            case.by,
-            beams,
-            waited,
+    def _report_waiting(self, case: ReadyCase) -> None:
+        waiting = self.watcher.waiting(case)
+        assert waiting is not None, "the watcher reports only cases that wait"
+        waited = self.settings.sensor.settle_seconds + self.settings.sensor.incomplete_report_seconds
+        message = (
+            f"case {case.folder.name} ({case.folder.path}) is ready ({case.by}) but {waiting.text} "
+            f"after {waited:g} s; not run: it runs once that is over"
         )
+        self.logger.warning(message)
         emit_event(
             event="mqi.case.incomplete",
             resource=_case_resource(case),
-            payload={"key": case.key, "missing_beams": missing, "waited_seconds": waited},
+            payload={
+                "key": case.key,
+                "reason": waiting.kind,
+                "waited_seconds": waited,
+                "message": message,
+                **waiting.details,
+            },
         )
 
 

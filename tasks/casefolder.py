@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import re
+import stat
+import unicodedata
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ PLANRANGE_HEADER = (
     "PLAN_DOSE1_RANGE,PLAN_DOSE2_RANGE,SCAN_OUT_FL_NM,PLAN_SCAN_OUT_FL_NM"
 )
 MACHINE_LOG_SUFFIXES = (".ptn", ".mgn")
+PTN_RECORD_BYTES = 16  # 8 big-endian uint16 columns
 # Files still being written by the transfer service (and rsync's hidden temporaries).
 PARTIAL_SUFFIXES = (".extracting", ".tmp", ".part", ".partial")
 ROOM_PATTERN = re.compile(r"G[^0-9]*([12])")
@@ -112,7 +115,8 @@ class Inspection(_Model):
     excluded: list[ExcludedBeam]
     problems: list[str]
     case: Case | None
-    # Treatment beams with no delivery folder at all: the transfer may still be delivering them.
+    # Treatment beams without a delivery folder in a case with fewer delivery folders than
+    # treatment beams: the transfer may still be delivering them.
     missing_deliveries: list[int] = []
 
     def to_json_dict(self) -> dict[str, object]:
@@ -183,6 +187,8 @@ def read_dicom_header(path: Path) -> Dataset | None:
         head = stream.read(132)
     if head[128:132] != b"DICM" and path.suffix.lower() != ".dcm":
         return None
+    if not head:
+        raise UnreadableDicomError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings(record=True) as caught:  # pydicom also logs them
             warnings.simplefilter("always")
@@ -229,25 +235,86 @@ def _damage(dataset: Dataset, size: int, warned: list[str]) -> str | None:
     return None
 
 
-def _listing(folder: Path) -> list[Path]:
-    """The entries of `folder`, partial transfers left out, in a stable order."""
-    return sorted(entry for entry in folder.iterdir() if not is_partial(entry.name))
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def name_problem(name: str) -> str | None:
+    """Why a folder name cannot name a case, if it cannot.
+
+    A case id becomes a run name, a log line, a folder on the output share and a JSON
+    string on the Prefect server: bytes that are not UTF-8 cannot be sent to the server,
+    and a control character (a newline) splits log lines and cannot exist on a Windows
+    share. Spaces, quotes, shell characters and other unicode are fine: no shell ever sees
+    a name.
+    """
+    for char in name:
+        if 0xDC80 <= ord(char) <= 0xDCFF:  # how Python keeps a byte that is not UTF-8
+            return f"the folder name is not valid UTF-8 (byte 0x{ord(char) - 0xDC00:02x}); rename the folder"
+        if unicodedata.category(char) == "Cc":
+            return f"the folder name contains a control character (U+{ord(char):04X}); rename the folder"
+    return None
+
+
+def _refusal(entry: Path, root: Path) -> str | None:
+    """Why discovery must not open `entry`, if it must not.
+
+    A symbolic link leading out of the case folder would read (and make the tools read)
+    files that are not the case's; a named pipe or device blocks or never ends when read.
+    """
+    try:
+        if entry.is_symlink():
+            target = os.readlink(entry)
+            if not Path(os.path.realpath(entry)).is_relative_to(root):
+                return f"symbolic link to {target!r} leads outside the case folder; not followed"
+            try:
+                mode = entry.stat().st_mode
+            except OSError as error:
+                return f"symbolic link to {target!r} cannot be followed ({error.strerror})"
+        else:
+            mode = entry.lstat().st_mode
+    except OSError as error:
+        return f"cannot read ({error.strerror})"
+    kind = next((kind for test, kind in _SPECIAL_FILES if test(mode)), None)
+    return None if kind is None else f"is {kind}, not a regular file; not read"
+
+
+def _listing(folder: Path, root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The entries of `folder` that are safe to read, partial transfers left out, in a stable
+    order; and (entry, reason) for each one refused. `root` is the case folder's real path.
+    """
+    entries, refused = [], []
+    for entry in sorted(entry for entry in folder.iterdir() if not is_partial(entry.name)):
+        reason = _refusal(entry, root)
+        if reason is None:
+            entries.append(entry)
+        else:
+            refused.append((entry, reason))
+    return entries, refused
 
 
 def find_rtplans(case_dir: Path) -> tuple[list[tuple[Path, Dataset]], list[tuple[Path, str]]]:
     """RTPLAN headers in the case folder or one level below, found by Modality, not by name.
 
-    Returns the plans, and (path, reason) for each file or folder that could not be read.
+    Returns the plans, and (path, reason) for each file or folder that could not be read
+    or was refused (see `_refusal`). These two levels are all that discovery reads, so
+    this is where refused entries are reported.
     """
     plans: list[tuple[Path, Dataset]] = []
     errors: list[tuple[Path, str]] = []
+    root = Path(os.path.realpath(case_dir))
 
     def scan(folder: Path, depth: int) -> None:
         try:
-            entries = _listing(folder)
+            entries, refused = _listing(folder, root)
         except OSError as error:
             errors.append((folder, f"cannot list folder ({error.strerror})"))
             return
+        errors.extend(refused)
         for entry in entries:
             if entry.is_dir():
                 if depth == 0:
@@ -400,6 +467,10 @@ def _read_beam(
     beam_where = f"{where} beam {number} {name!r}"
     if not name or name in (".", "..") or "/" in name or "\x00" in name:
         problems.add(beam_where, "BeamName is empty or cannot be a folder name")
+        return None
+    radiation = str(ion_beam.get("RadiationType", "") or "").strip().upper()
+    if radiation not in ("", "PROTON"):
+        problems.add(beam_where, f"RadiationType {radiation}: only proton beams can be recalculated")
         return None
     try:
         layers = energy_layers(ion_beam)
@@ -576,6 +647,7 @@ def _read_delivery(
     beam_number = numbers.get("DICOM_BEAM_NUMBER")
     if values is not None and "DICOM_PATIENT_ID" not in values:
         problems.add(f"{where} {planinfo.name}", "DICOM_PATIENT_ID is missing")
+    _check_machine_logs(entries, where if beam_number is None else f"{where} (beam {beam_number})", problems)
     if len(problems.messages) > before or values is None or rows is None or planrange is None:
         return None, beam_number
     delivery = Delivery(
@@ -595,26 +667,49 @@ def _read_delivery(
     return record, beam_number
 
 
-def _delivery_folders(case_dir: Path, problems: _Problems) -> Iterator[tuple[Path, Path, list[Path]]]:
-    """(folder, its PlanInfo.txt, its entries) per delivery folder.
+def _check_machine_logs(entries: list[Path], where: str, problems: _Problems) -> None:
+    """Each .ptn/.mgn file must be readable and hold data, a .ptn whole records.
 
-    A subfolder with machine logs but no PlanInfo.txt is a problem: guessing its beam
-    from the folder name or order is what mapped deliveries wrongly before.
+    Discovery does not parse the logs (the interpreter does), but an empty, cut or
+    unreadable log must fail the case here, naming the file, not deep in the interpreter.
     """
-    for entry in _listing(case_dir):
+    for path in entries:
+        suffix = path.suffix.lower()
+        if suffix not in MACHINE_LOG_SUFFIXES:
+            continue
+        try:
+            with path.open("rb") as stream:
+                size = os.fstat(stream.fileno()).st_size
+        except OSError as error:
+            problems.add(f"{where} {path.name}", f"cannot read ({error.strerror})")
+            continue
+        if size == 0:
+            problems.add(f"{where} {path.name}", "empty file (0 bytes)")
+        elif suffix == ".ptn" and size % PTN_RECORD_BYTES:
+            problems.add(
+                f"{where} {path.name}",
+                f"{size} bytes is not a whole number of {PTN_RECORD_BYTES}-byte records "
+                "(8 big-endian uint16 columns): cut short?",
+            )
+
+
+def _delivery_folders(case_dir: Path, root: Path) -> Iterator[tuple[Path, list[Path]]]:
+    """(folder, its entries) per subfolder holding a PlanInfo.txt or machine log files.
+
+    Refused entries and folders that cannot be listed are skipped here: find_rtplans,
+    which reads the same two levels, reports them.
+    """
+    for entry in _listing(case_dir, root)[0]:
         if not entry.is_dir():
             continue
-        where = f"delivery folder {entry.name!r}"
         try:
-            entries = _listing(entry)
-        except OSError as error:
-            problems.add(where, f"cannot list folder ({error.strerror})")
+            entries = _listing(entry, root)[0]
+        except OSError:
             continue
-        planinfo = _find_named(entries, PLANINFO_NAME)
-        if planinfo is not None:
-            yield entry, planinfo, entries
-        elif any(path.suffix.lower() in MACHINE_LOG_SUFFIXES for path in entries):
-            problems.add(where, f"holds machine log files (.ptn/.mgn) but no {PLANINFO_NAME}")
+        if _find_named(entries, PLANINFO_NAME) or any(
+            path.suffix.lower() in MACHINE_LOG_SUFFIXES for path in entries
+        ):
+            yield entry, entries
 
 
 def _choose(
@@ -728,7 +823,16 @@ def _inspect_folder(
             problems.add(_rel(path, case_dir), f"cannot read the plan ({type(error).__name__}: {error})")
     records: list[_DeliveryRecord] = []
     claimed: set[int] = set()
-    for folder, planinfo, entries in _delivery_folders(case_dir, problems):
+    folders = list(_delivery_folders(case_dir, Path(os.path.realpath(case_dir))))
+    for folder, entries in folders:
+        planinfo = _find_named(entries, PLANINFO_NAME)
+        if planinfo is None:
+            # Guessing its beam from the folder name or order is what mapped deliveries wrongly before.
+            problems.add(
+                f"delivery folder {folder.name!r}",
+                f"holds machine log files (.ptn/.mgn) but no {PLANINFO_NAME}",
+            )
+            continue
         record, beam_number = _read_delivery(folder, planinfo, entries, problems)
         if record is not None:
             records.append(record)
@@ -736,7 +840,11 @@ def _inspect_folder(
             claimed.add(beam_number)
     if plan is None:
         return None, [], []
-    return plan, *_match(plan, records, claimed, policy, problems)
+    beams, missing = _match(plan, records, claimed, policy, problems)
+    # Only a case with fewer delivery folders than treatment beams may still be arriving;
+    # in any other the folder of a missing beam is there but broken, and that is reported.
+    arriving = len(folders) < len(plan.treatment) + len(plan.unusable)
+    return plan, beams, missing if arriving else []
 
 
 def inspect_case(
@@ -758,12 +866,17 @@ def inspect_case(
     beams: list[Beam] = []
     missing: list[int] = []
     ready = False
+    name = name_problem(case_path.name)
+    if name is not None:
+        problems.add(".", name)
     try:
         ready = (case_path / ready_marker).is_file()
-        if case_path.is_dir():
-            plan, beams, missing = _inspect_folder(case_path, delivery_policy, problems)
-        else:
+        if not case_path.is_dir():
             problems.add(str(case_path), "is not a folder")
+        elif all(entry.name == ready_marker for entry in case_path.iterdir()):
+            problems.add(".", "the case folder is empty (no RTPLAN, no delivery folders)")
+        else:
+            plan, beams, missing = _inspect_folder(case_path, delivery_policy, problems)
     except OSError as error:  # a folder vanishing or locked mid-scan: report it, never raise
         problems.add(str(error.filename or case_path), f"cannot read ({error.strerror})")
     excluded = sorted(plan.excluded.values(), key=lambda beam: beam.number) if plan else []

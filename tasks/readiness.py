@@ -6,7 +6,9 @@ its path under the scan folder and every file's relative path, size and mtime. T
 content always gives the same key, whatever events, rescans or restarts happen, and a
 changed folder gets a new key. Readiness follows DOMAIN.md: the ready marker (or, where
 configured, a quiet period), partial transfers ignored, and a case with fewer delivery
-folders than treatment beams waits and is reported, never run half.
+folders than treatment beams, or whose files still change after the marker, waits and is
+reported, never run half. Folders that must not be run at all (see `case_folders`, and
+two folders with one case id) are skipped with the reason.
 
 Plain code, no Prefect: the sensor flow adds the Prefect side (runs, events, logs).
 Nothing here writes to the scan folder.
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from config.settings import Settings
-from tasks.casefolder import Inspection, inspect_case, is_partial
+from tasks.casefolder import Inspection, inspect_case, is_partial, name_problem
 
 KEY_VERSION = b"mqi-case-key-1"
 
@@ -41,7 +43,8 @@ class FileEntry:
 def list_files(case_dir: Path) -> list[FileEntry]:
     """Every file under `case_dir`, sorted; a file that vanishes while listed is left out.
 
-    Symlinked folders are not followed, so a link loop cannot hang the sensor.
+    Symbolic links are not followed (their own size and mtime count), so a link loop
+    cannot hang the sensor nor a link out of the folder make it read elsewhere.
     """
     entries: list[FileEntry] = []
 
@@ -55,7 +58,7 @@ def list_files(case_dir: Path) -> list[FileEntry]:
                 if entry.is_dir(follow_symlinks=False):
                     walk(Path(entry.path), f"{relative}/", inside_partial)
                     continue
-                stat = entry.stat()
+                stat = entry.stat(follow_symlinks=False)
             except FileNotFoundError:  # removed or renamed while we listed: the next scan sees the result
                 continue
             entries.append(FileEntry(relative, stat.st_size, stat.st_mtime_ns, inside_partial))
@@ -112,31 +115,60 @@ class CaseFolder:
         return self.path.name
 
 
-def _subfolders(folder: Path) -> list[str]:
+def shown(path: Path) -> str:
+    """A path as text that can be logged and sent to the server, even if its bytes are not UTF-8."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _unreadable(folder: Path, error: OSError) -> str:
+    """Why `folder` cannot be read, naming the file or subfolder at fault."""
+    inner = os.path.relpath(error.filename, folder) if isinstance(error.filename, str) else "."
+    where = "" if inner == "." else f"{shown(Path(inner))!r} "
+    return f"cannot read {where}({error.strerror or error})"
+
+
+def _subfolders(folder: Path, root: Path, skipped: dict[Path, str]) -> list[str]:
+    """Names of the subfolders of `folder`; a symbolic link leading outside `root` goes to `skipped`."""
+    names = []
     with os.scandir(folder) as listing:
-        return sorted(entry.name for entry in listing if entry.is_dir() and not is_partial(entry.name))
+        for entry in listing:
+            if is_partial(entry.name) or not entry.is_dir():
+                continue
+            if entry.is_symlink() and not Path(os.path.realpath(entry.path)).is_relative_to(root):
+                target = shown(Path(os.readlink(entry.path)))
+                skipped[Path(entry.path)] = (
+                    f"symbolic link to {target!r} leads outside the scan folder; not followed"
+                )
+                continue
+            names.append(entry.name)
+    return sorted(names)
 
 
-def case_folders(
-    scan_dir: Path, room_folders: list[str], unreadable: dict[Path, str]
-) -> Iterator[CaseFolder]:
+def case_folders(scan_dir: Path, room_folders: list[str], skipped: dict[Path, str]) -> Iterator[CaseFolder]:
     """Every case folder: the scan folder's subfolders, and those of its room folders (G1/, G2/).
 
-    A room folder that cannot be listed is recorded in `unreadable` and skipped; a scan
-    folder that cannot be listed raises OSError (nothing can be watched).
+    Left out, with the reason in `skipped`: a folder that cannot be listed, a symbolic
+    link leading outside the scan folder (its files are not the scan folder's to read),
+    and a folder whose name cannot name a case (casefolder.name_problem). A scan folder
+    that cannot be listed raises OSError (nothing can be watched).
     """
+    root = Path(os.path.realpath(scan_dir))
     rooms = set(room_folders)
-    for name in _subfolders(scan_dir):
-        if name not in rooms:
-            yield CaseFolder(scan_dir / name, name, None)
-            continue
-        try:
-            inner = _subfolders(scan_dir / name)
-        except OSError as error:
-            unreadable[scan_dir / name] = f"cannot list room folder ({error.strerror or error})"
-            continue
-        for case in inner:
-            yield CaseFolder(scan_dir / name / case, f"{name}/{case}", name)
+    for name in _subfolders(scan_dir, root, skipped):
+        if name in rooms:
+            try:
+                inner = [(f"{name}/{case}", case) for case in _subfolders(scan_dir / name, root, skipped)]
+            except OSError as error:
+                skipped[scan_dir / name] = _unreadable(scan_dir / name, error)
+                continue
+        else:
+            inner = [(name, name)]
+        for relative, case in inner:
+            reason = name_problem(case)
+            if reason is None:
+                yield CaseFolder(scan_dir / relative, relative, name if name in rooms else None)
+            else:
+                skipped[scan_dir / relative] = reason
 
 
 @dataclass(frozen=True)
@@ -150,6 +182,16 @@ class ReadyCase:
 
 
 Verdict = Literal["run", "wait", "report"]
+CHANGED_FILES_SHOWN = 5  # in a report of files still changing after the marker
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Why a ready case is not run yet: what the physicist reads, and the event's payload."""
+
+    kind: Literal["changing", "incomplete"]
+    text: str
+    details: dict[str, object]
 
 
 @dataclass
@@ -157,12 +199,20 @@ class _Tracked:
     signature: Signature = ()
     files: list[FileEntry] = field(default_factory=list)
     key: str = ""
-    changed_at: float = 0.0  # when the file list last changed (the quiet period)
+    changed_at: float = 0.0  # the poll that found the file list changed (the quiet period, settling)
+    listed_at: float = 0.0  # the poll that last read the file list
+    changed: list[str] = field(default_factory=list)  # the paths that changed then
     settled_key: str | None = None  # the content a run exists for
     inspection: Inspection | None = None  # of `inspected_key`
     inspected_key: str | None = None
-    incomplete_since: float | None = None
-    reported: bool = False
+    waiting: str | None = None  # the Waiting.kind of the current wait
+    waiting_since: float = 0.0
+    reported: bool = False  # the current wait was reported
+
+
+def _changed_paths(before: list[FileEntry], after: list[FileEntry], marker: str) -> list[str]:
+    """Paths added, removed or rewritten between two listings, the ready marker left out."""
+    return sorted({entry.path for entry in set(before) ^ set(after)} - {marker})
 
 
 class CaseWatcher:
@@ -171,7 +221,7 @@ class CaseWatcher:
     `ready_cases()` returns the ready folders whose current content has no run yet;
     the caller settles each one that has (or now got) a run, and asks `verdict()` for
     the others. Cheap on a quiet scan folder: only folder timestamps are read, except
-    for unsettled cases and every `rescan_seconds`.
+    for unsettled ready cases and every `rescan_seconds`.
     """
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
@@ -180,11 +230,13 @@ class CaseWatcher:
         self._clock = clock
         self._cases: dict[Path, _Tracked] = {}
         self._next_rescan = 0.0
-        self.unreadable: dict[Path, str] = {}  # folders that could not be read in the last poll, and why
+        self.skipped: dict[Path, str] = {}  # folders not considered in the last poll, and why
 
     def ready_cases(self) -> list[ReadyCase]:
-        """Scan once. A case folder that cannot be read is recorded in `unreadable`, never raised.
+        """Scan once. A folder that cannot be read or must not run is recorded in `skipped`, never raised.
 
+        Two folders with one case id (e.g. G1/P1 and G2/P1) are both skipped while both
+        exist: their runs would share the case's work and output folders.
         Raises OSError only when the scan folder itself cannot be listed.
         """
         now = self._clock()
@@ -192,36 +244,51 @@ class CaseWatcher:
         if full:
             self._next_rescan = now + self.settings.sensor.rescan_seconds
         ready = []
-        present = set()
-        self.unreadable = {}
-        for folder in case_folders(self.scan_dir, self.settings.sensor.room_folders, self.unreadable):
-            present.add(folder.path)
+        self.skipped = {}
+        folders = list(case_folders(self.scan_dir, self.settings.sensor.room_folders, self.skipped))
+        claims: dict[str, list[str]] = {}
+        for folder in folders:
+            claims.setdefault(folder.case_id, []).append(folder.name)
+        for folder in folders:
+            others = [name for name in claims[folder.case_id] if name != folder.name]
+            if others:
+                self.skipped[folder.path] = (
+                    f"case id {folder.case_id!r} is also claimed by {', '.join(others)}: runs of one "
+                    "case id would share its work and output folders; rename or remove all but one"
+                )
+                continue
             try:
                 found = self._check(folder, now, full)
             except OSError as error:  # vanished, locked, permission denied: try again next poll
-                self.unreadable[folder.path] = f"cannot read ({error.strerror or error})"
+                self.skipped[folder.path] = _unreadable(folder.path, error)
                 continue
             if found is not None:
                 ready.append(found)
-        for gone in set(self._cases) - present:
+        for gone in set(self._cases) - {folder.path for folder in folders}:
             del self._cases[gone]
         return ready
 
     def _check(self, folder: CaseFolder, now: float, full: bool) -> ReadyCase | None:
         tracked = self._cases.setdefault(folder.path, _Tracked())
         quiet = self.settings.sensor.quiet_seconds
+        marker = self.settings.case.ready_marker
         signature = folder_signature(folder.path)
-        settled = bool(tracked.key) and tracked.key == tracked.settled_key
-        if full or signature != tracked.signature or not tracked.key or (quiet is not None and not settled):
+        # A case that may be ready but has no run yet is re-read every poll: a file still
+        # growing after the marker changes no folder timestamp.
+        waiting = tracked.key != tracked.settled_key and (
+            quiet is not None or any(entry.path == marker for entry in tracked.files)
+        )
+        if full or signature != tracked.signature or not tracked.key or waiting:
             files = list_files(folder.path)
+            tracked.listed_at = now
             if files != tracked.files or not tracked.key:
+                tracked.changed = _changed_paths(tracked.files, files, marker)
                 tracked.files = files
-                tracked.key = case_key(folder.name, files, self.settings.case.ready_marker)
+                tracked.key = case_key(folder.name, files, marker)
                 tracked.changed_at = now
             tracked.signature = signature
         if tracked.key == tracked.settled_key:
             return None
-        marker = self.settings.case.ready_marker
         if any(entry.path == marker for entry in tracked.files):
             by: Literal["marker", "quiet period"] = "marker"
         elif quiet is not None and tracked.files and now - tracked.changed_at >= quiet:
@@ -236,8 +303,7 @@ class CaseWatcher:
         tracked = self._cases.get(case.folder.path)
         if tracked is not None and tracked.key == case.key:
             tracked.settled_key = case.key
-            tracked.incomplete_since = None
-            tracked.reported = False
+            tracked.waiting = None
 
     def inspection(self, case: ReadyCase) -> Inspection:
         """The folder inspected once per content (an incomplete case waits without re-reading its DICOM)."""
@@ -251,21 +317,44 @@ class CaseWatcher:
             tracked.inspected_key = case.key
         return tracked.inspection
 
+    def waiting(self, case: ReadyCase) -> Waiting | None:
+        """Why `case` must not run yet; None when it may.
+
+        Files changed within `settle_seconds` before the last listing (a marker does not
+        prove the copy has ended; measured between listings, so a slow poll cannot make a
+        growing case look settled), or fewer delivery folders than treatment beams.
+        """
+        tracked = self._cases[case.folder.path]
+        if tracked.listed_at - tracked.changed_at < self.settings.sensor.settle_seconds:
+            shown_paths = tracked.changed[:CHANGED_FILES_SHOWN]
+            more = len(tracked.changed) - len(shown_paths)
+            text = ", ".join(shown_paths) + (f" and {more} more" if more > 0 else "")
+            return Waiting("changing", f"its files are still changing ({text})", {"changed": shown_paths})
+        missing = self.inspection(case).missing_deliveries
+        if missing:
+            beams = ", ".join(str(number) for number in missing)
+            return Waiting(
+                "incomplete", f"treatment beam(s) {beams} have no delivery folder", {"missing_beams": missing}
+            )
+        return None
+
     def verdict(self, case: ReadyCase) -> Verdict:
-        """run it; wait (fewer delivery folders than treatment beams); or report that it still waits.
+        """run it; wait (see `waiting`); or report that it still waits.
 
         A folder with other problems runs: its run fails at discovery with every problem
         listed, which is where the physicist looks. "report" comes once per wait, after
-        `incomplete_report_seconds`.
+        waiting for the same reason `settle_seconds` + `incomplete_report_seconds` (so a
+        case that merely settles is never reported as changing).
         """
         tracked = self._cases[case.folder.path]
-        if not self.inspection(case).missing_deliveries:
+        waiting = self.waiting(case)
+        if waiting is None:
             return "run"
         now = self._clock()
-        if tracked.incomplete_since is None:
-            tracked.incomplete_since = now
-        waited = now - tracked.incomplete_since
-        if tracked.reported or waited < self.settings.sensor.incomplete_report_seconds:
+        if tracked.waiting != waiting.kind:
+            tracked.waiting, tracked.waiting_since, tracked.reported = waiting.kind, now, False
+        patience = self.settings.sensor.settle_seconds + self.settings.sensor.incomplete_report_seconds
+        if tracked.reported or now - tracked.waiting_since < patience:
             return "wait"
         tracked.reported = True
         return "report"

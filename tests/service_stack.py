@@ -53,6 +53,16 @@ FAST = {
 CASES_AT_ONCE = 4  # two cores: more case processes at once only fight for the CPU and the database
 
 
+def without_privileges() -> list[str]:
+    """A command prefix under which root obeys file modes (it drops the capabilities to
+    read and write any file); empty when not root, where file modes already bite.
+    """
+    if os.geteuid() != 0:
+        return []
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
 def wait_for(what: str, check: Callable[[], T], timeout: float = 180) -> T:
     """Poll `check` until it returns something truthy; fail naming `what` after `timeout` s."""
     deadline = time.monotonic() + timeout
@@ -112,8 +122,9 @@ def engine_launches(log: Path, since: int = 0) -> dict[str, int]:
 class Stack:
     """The repository's deployments, and the warm process worker polling their pool."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, prefix: list[str] | None = None) -> None:
         self.root = root
+        self.prefix = prefix or []  # before every command it starts (see `without_privileges`)
         self.api = str(PREFECT_API_URL.value())
         [self.pool] = {pool for pool, _ in work_queues().values()}
         self.config = write_config(root, FAST)
@@ -133,7 +144,12 @@ class Stack:
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         with (self.root / f"{name}.log").open("ab") as log:
             return subprocess.Popen(
-                argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                [*self.prefix, *argv],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     def start(self) -> None:
@@ -161,9 +177,11 @@ class Stack:
         remove_deployments()
 
 
-def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def running_stack(
+    tmp_path_factory: pytest.TempPathFactory, prefix: list[str] | None = None
+) -> Iterator[Stack]:
     """Body of a module-scoped `stack` fixture: started before the module's tests, stopped after."""
-    stack = Stack(tmp_path_factory.mktemp("stack"))
+    stack = Stack(tmp_path_factory.mktemp("stack"), prefix)
     stack.start()
     yield stack
     stack.stop()

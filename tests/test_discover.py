@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import shutil
@@ -19,42 +18,13 @@ from tasks.casefolder import (
     discover_case,
     inspect_case,
 )
+from tests.case_edits import deliveries, delivery_of, drop_last_layer_row, plan_file, set_planinfo, tree_state
 
 ODD_CASE_ID = 'Case "O\'Brien" – Ünïcødé 01'
 
 
 def make_case(tmp_path: Path, case_id: str = "DEMO001", **options: object) -> Path:
     return write_sample_case(tmp_path / "scan", case_id, **options)
-
-
-def deliveries(case_dir: Path) -> dict[int, list[Path]]:
-    """Delivery folders per DICOM_BEAM_NUMBER, earliest first (folder names are irradiation times)."""
-    by_beam: dict[int, list[Path]] = {}
-    for info in sorted(case_dir.glob("*/PlanInfo.txt")):
-        values = dict(line.split(",", 1) for line in info.read_text().splitlines())
-        by_beam.setdefault(int(values["DICOM_BEAM_NUMBER"]), []).append(info.parent)
-    return by_beam
-
-
-def delivery_of(case_dir: Path, beam_number: int) -> Path:
-    return deliveries(case_dir)[beam_number][0]
-
-
-def set_planinfo(folder: Path, key: str, value: str) -> None:
-    info = folder / "PlanInfo.txt"
-    lines = [
-        f"{key},{value}" if line.startswith(f"{key},") else line for line in info.read_text().split("\n")
-    ]
-    info.write_text("\n".join(lines))
-
-
-def drop_last_layer_row(folder: Path) -> None:
-    planrange = folder / "PlanRange.txt"
-    planrange.write_text("\n".join(planrange.read_text().splitlines()[:-1]) + "\n")
-
-
-def plan_file(case_dir: Path) -> Path:
-    return next(case_dir.glob("RP.*.dcm"))
 
 
 def problems(case_dir: Path, **options: object) -> list[str]:
@@ -65,15 +35,6 @@ def one_problem(case_dir: Path, **options: object) -> str:
     found = problems(case_dir, **options)
     assert len(found) == 1, found
     return found[0]
-
-
-def tree_state(root: Path) -> dict[str, tuple[str, int]]:
-    """sha256 and mtime of every file and folder under `root`."""
-    state = {}
-    for path in sorted(root.rglob("*")):
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
-        state[path.relative_to(root).as_posix()] = (digest, path.stat().st_mtime_ns)
-    return state
 
 
 def test_good_case(tmp_path: Path) -> None:
@@ -117,7 +78,9 @@ def test_good_case(tmp_path: Path) -> None:
 def test_sample_case_is_deterministic(tmp_path: Path) -> None:
     first = make_case(tmp_path / "a")
     second = make_case(tmp_path / "b")
-    assert {k: v[0] for k, v in tree_state(first).items()} == {k: v[0] for k, v in tree_state(second).items()}
+    assert {k: v.content for k, v in tree_state(first).items()} == {
+        k: v.content for k, v in tree_state(second).items()
+    }
 
 
 def test_sample_case_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

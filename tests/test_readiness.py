@@ -59,8 +59,10 @@ def test_marker_case_is_ready_once_until_its_content_changes(tmp_path):
     small_case(scan, "NOMARK", beams=2, ready_marker=None)
     case = small_case(scan, "A", beams=2)
     [ready] = watcher.ready_cases()
-    assert (ready.folder.name, ready.by, watcher.verdict(ready)) == ("A", "marker", "run")
+    assert (ready.folder.name, ready.by, watcher.verdict(ready)) == ("A", "marker", "wait")  # settling
+    clock.now += 1
     assert watcher.ready_cases() == [ready]  # not settled yet (no run): offered again
+    assert watcher.verdict(ready) == "run"
     watcher.settle(ready)
     (case / "_CASE_READY").touch()
     (case / "x.part").write_bytes(b"")
@@ -95,7 +97,11 @@ def test_fewer_delivery_folders_than_beams_waits_is_reported_once_then_runs(tmp_
     later = sorted(p for p in case.iterdir() if p.is_dir())[-1]
     held = shutil.move(later, tmp_path / "held")
     [ready] = watcher.ready_cases()
+    assert watcher.waiting(ready).kind == "changing"  # just seen: settling first
+    clock.now += 1
+    assert watcher.ready_cases() == [ready]  # listed again: unchanged for a second
     assert watcher.verdict(ready) == "wait"
+    assert watcher.waiting(ready).kind == "incomplete"
     assert watcher.inspection(ready).missing_deliveries == [3]
     clock.now += 99
     assert watcher.verdict(watcher.ready_cases()[0]) == "wait"
@@ -105,7 +111,9 @@ def test_fewer_delivery_folders_than_beams_waits_is_reported_once_then_runs(tmp_
     assert watcher.verdict(watcher.ready_cases()[0]) == "wait"  # reported once
     shutil.move(held, later)
     [complete] = watcher.ready_cases()
-    assert complete.key != ready.key and watcher.verdict(complete) == "run"
+    assert complete.key != ready.key and watcher.verdict(complete) == "wait"  # settling, not reported
+    clock.now += 1
+    assert watcher.verdict(watcher.ready_cases()[0]) == "run"
 
 
 def test_room_folders_and_an_unreadable_case_do_not_stop_the_scan(tmp_path, monkeypatch):
@@ -124,7 +132,7 @@ def test_room_folders_and_an_unreadable_case_do_not_stop_the_scan(tmp_path, monk
     monkeypatch.setattr(readiness, "list_files", failing)
     ready = watcher.ready_cases()
     assert names(ready) == ["G1/R1", "G2/NOPLAN"]
-    assert watcher.unreadable == {scan / "G2" / "BROKEN": "cannot read (Permission denied)"}
+    assert watcher.skipped == {scan / "G2" / "BROKEN": "cannot read (Permission denied)"}
     tags = [room_tag(case.folder, watcher.inspection(case)) for case in ready]
     assert tags == ["room:G1", "room:G2"]  # from the plan; from the room folder when there is none
     assert watcher.inspection(ready[1]).problems  # runs anyway: its run fails at discovery, listing them
@@ -136,3 +144,16 @@ def test_sensor_settings_are_checked(tmp_path):
         load_settings(bad, env={})
     assert "sensor.poll_secs: unknown key" in str(error.value)
     assert "sensor.room_folders" in str(error.value)
+
+
+def test_a_slow_poll_does_not_make_growing_files_look_settled(tmp_path):
+    watcher, clock, scan = watcher_for(tmp_path)
+    case = small_case(scan, "GROW")
+    for _ in range(3):  # the marker is there, but the copy still appends to a log
+        [ready] = watcher.ready_cases()
+        clock.now += 5  # the server answered slowly between the listing and the verdict
+        assert watcher.verdict(ready) == "wait"
+        bump(case / "2025042401440800" / "L001.ptn")
+    [ready] = watcher.ready_cases()  # the last change is seen here ...
+    clock.now += 1
+    assert watcher.verdict(watcher.ready_cases()[0]) == "run"  # ... and nothing since
