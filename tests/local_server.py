@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -64,6 +65,12 @@ class LocalServer:
                 pass
             time.sleep(0.2)  # polling the health endpoint until the server answers
         raise TimeoutError(f"prefect server did not become healthy in {timeout} s")
+
+    def kill(self) -> None:
+        """SIGKILL the server's process group, as a crash or an OOM kill would: no clean shutdown."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

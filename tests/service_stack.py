@@ -112,11 +112,15 @@ def engine_launches(log: Path, since: int = 0) -> dict[str, int]:
 class Stack:
     """The repository's deployments, and the warm process worker polling their pool."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, overrides: dict | None = None) -> None:
+        """`overrides` replace keys of FAST per section (e.g. an ssh: section and its backend)."""
         self.root = root
         self.api = str(PREFECT_API_URL.value())
         [self.pool] = {pool for pool, _ in work_queues().values()}
-        self.config = write_config(root, FAST)
+        sections = {**FAST, **(overrides or {})}
+        self.config = write_config(
+            root, {name: {**FAST.get(name, {}), **(overrides or {}).get(name, {})} for name in sections}
+        )
         self.settings = load_settings(self.config, env={})
         self.launch_log = root / "launches.jsonl"
         self.worker: subprocess.Popen[bytes] | None = None
