@@ -52,9 +52,9 @@ QUICK = {
     "dicom": {"validator": None},
 }
 DOSE_BYTES = 20**3 * 8
-FOUR_GPUS = "".join(
-    f"{i}, GPU-{i}, NVIDIA A100-SXM4-40GB, 40960, 4, 40536, 31, 0\n" for i in range(4)
-)  # nvidia-smi on the fake node: four idle GPUs
+THREE_GPUS = "".join(
+    f"{i}, GPU-{i}, NVIDIA A100-SXM4-40GB, 40960, 4, 40536, 31, 0\n" for i in range(3)
+)  # nvidia-smi on the fake node: three idle GPUs
 
 
 @pytest.fixture(scope="module")
@@ -129,30 +129,36 @@ def ended(launch_log: Path, count: int) -> bool:
 
 def test_killed_case_runs_adopt_their_engines_on_retry_and_on_rerun(server, sshd, hpc, tmp_path):
     """Two case runs on the HPC over SSH are SIGKILLed mid-simulation; one is retried from the
-    API as the UI's Retry does, the other run again with `mqi rerun`. Both adopt the engines
-    still running on the node (once the dead run's GPU leases expire) and launch none again."""
-    hpc.set_nvidia_smi(FOUR_GPUS, "")
-    ssh = ssh_sections(hpc, sshd, [0, 1, 2, 3])
+    API as the UI's Retry does, the other run again with `mqi rerun`.
+
+    Three GPUs for four beams: at the kill, KILL-RETRY runs both its engines and KILL-RERUN
+    one, its other beam waiting for a GPU. The running engines are adopted (once the dead
+    runs' GPU leases expire), never launched again; only the waiting beam is launched.
+    """
+    hpc.set_nvidia_smi(THREE_GPUS, "")
+    ssh = ssh_sections(hpc, sshd, [0, 1, 2])
     stack = Stack(tmp_path, {**ssh, "backend": {**ssh["backend"], "host": "kill", "gpu_lease_seconds": 60}})
     stack.start()
     try:
         retry, rerun = (
             watch(small_case(stack.settings.scan_dir, name, beams=2)) for name in ("KILL-RETRY", "KILL-RERUN")
         )
-        runs = {
-            case.case_id: run_deployment(
+        runs = {}
+        for case, launched in ((retry, {2: 1, 3: 1}), (rerun, {2: 1})):
+            runs[case.case_id] = run_deployment(
                 "process-case/case",
                 parameters={"case_dir": str(case.case_dir)},
                 flow_run_name=case.case_id,
                 job_variables={"env": {"MQI_STANDIN_ENGINE_DURATION": "30"}},  # still running when adopted
                 timeout=0,
             )
-            for case in (retry, rerun)
-        }
-        wait_for(
-            "both cases' engines to start",
-            lambda: all(engine_launches(stack.launch_log, c.case_id) == {2: 1, 3: 1} for c in (retry, rerun)),
-        )
+            wait_for(
+                f"{case.case_id}'s engines to start",
+                lambda case=case, launched=launched: (
+                    sorted(engine_launches(stack.launch_log, case.case_id).values())
+                    == sorted(launched.values())
+                ),
+            )
         with get_client(sync_client=True) as client:
             for run in runs.values():
                 os.kill(int(client.read_flow_run(run.id).infrastructure_pid), signal.SIGKILL)
@@ -162,8 +168,8 @@ def test_killed_case_runs_adopt_their_engines_on_retry_and_on_rerun(server, sshd
                     lambda run=run: client.read_flow_run(run.id).state_type == StateType.CRASHED,
                     timeout=60,
                 )
-            jobs = sorted(hpc.remote_root.glob("KILL-*/beam-*/*/job.json"))
-            assert len(jobs) == 4 and not any((job.parent / "exit.json").exists() for job in jobs)
+            jobs = {job: job.read_text() for job in hpc.remote_root.glob("KILL-*/beam-*/*/job.json")}
+            assert len(jobs) == 3 and not any((job.parent / "exit.json").exists() for job in jobs)
             client.set_flow_run_state(  # the UI's Retry button (ui: retryFlowRun)
                 runs["KILL-RETRY"].id,
                 State(type=StateType.SCHEDULED, name="AwaitingRetry", message="Retry from the UI"),
@@ -173,6 +179,7 @@ def test_killed_case_runs_adopt_their_engines_on_retry_and_on_rerun(server, sshd
             "the retried run to finish",
             lambda: (state := newest_case_run("KILL-RETRY").state) is not None and state.is_final(),
         )
+        adopted = {}
         for case in (retry, rerun):
             run = check_invariants(
                 stack.settings,
@@ -182,7 +189,16 @@ def test_killed_case_runs_adopt_their_engines_on_retry_and_on_rerun(server, sshd
                 launches={2: 1, 3: 1},
                 done=(2, 3),
             )
-            assert run_log(run.id).count("adopting the job running on GPU") == 2
+            adopted[case.case_id] = run_log(run.id).count("adopting the job running on GPU")
+            for beam in (2, 3):  # each dose comes from the job on the GPU its provenance names
+                path = stack.settings.output_dir(case.case_id) / f"RTDOSE_beam0{beam}.provenance.json"
+                provenance = json.loads(path.read_text())["beams"][0]
+                assert (
+                    json.loads((Path(provenance["job_dir"]) / "job.json").read_text())["gpu"]
+                    == provenance["gpu"]
+                )
+        assert adopted == {"KILL-RETRY": 2, "KILL-RERUN": 1}
+        assert {job: job.read_text() for job in jobs} == jobs  # the same jobs, none started again
         assert newest_case_run("KILL-RETRY").id == runs["KILL-RETRY"].id  # the same run, retried
     finally:
         stack.stop()
