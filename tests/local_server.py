@@ -8,11 +8,19 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from deployments.prefect_env import SERVER_DEFAULTS
+
+DRAIN_SECONDS = 30
 
 
 def free_port() -> int:
@@ -80,3 +88,21 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()
+
+
+@contextmanager
+def pointed_at(server: LocalServer) -> Iterator[LocalServer]:
+    """This process's Prefect client, and the processes it starts, use `server` for the block.
+
+    On the way out, the logs and events queued for `server` are delivered while it is still
+    up: a worker left holding them for a stopped server blocks the test harness's teardown
+    (it drains every worker) for good.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PREFECT_API_URL", server.api_url)
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            try:
+                yield server
+            finally:
+                APILogWorker.drain_all(timeout=DRAIN_SECONDS)
+                EventsWorker.drain_all(timeout=DRAIN_SECONDS)

@@ -27,7 +27,6 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import State
 
 from config import Settings, load_settings
@@ -38,7 +37,7 @@ from flows.case import process_case
 from tasks.report import artifact_key
 from tests.conftest import write_config
 from tests.invariants import Watched, check_invariants, engine_launches, newest_case_run, watch
-from tests.local_server import LocalServer
+from tests.local_server import LocalServer, pointed_at
 from tests.service_stack import Stack, small_case, wait_for
 from tests.sshd import Hpc, Sshd
 from tests.test_case_flow import read_artifacts
@@ -63,10 +62,8 @@ def server(tmp_path_factory) -> Iterator[LocalServer]:
     local = LocalServer(tmp_path_factory.mktemp("prefect-home"))
     local.start()
     try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("PREFECT_API_URL", local.api_url)
-            with temporary_settings({PREFECT_API_URL: local.api_url}):
-                yield local
+        with pointed_at(local):
+            yield local
     finally:
         local.stop()
 
