@@ -61,6 +61,26 @@ def preflight(beam: BeamInput) -> None:
         )
 
 
+def attempt_log(beam_dir: Path, attempt: int) -> Path:
+    """A new file for this attempt's engine log: `engine-attempt-K.log`, else `engine-attempt-K-2.log`, ...
+
+    Attempt numbers start at 1 in every run of a case, and a rerun must not overwrite the
+    log that an earlier run's failure message points at. Claimed with an exclusive create,
+    so two runs of one case at once never share a file.
+    """
+    beam_dir.mkdir(parents=True, exist_ok=True)
+    copy = 1
+    while True:
+        path = beam_dir / (
+            f"engine-attempt-{attempt}.log" if copy == 1 else f"engine-attempt-{attempt}-{copy}.log"
+        )
+        try:
+            path.open("xb").close()
+            return path
+        except FileExistsError:
+            copy += 1
+
+
 def _run_job(
     settings: Settings,
     backend: Backend,
@@ -110,7 +130,7 @@ def simulate_beam(
     preflight(beam)
     backend = backend or make_backend(settings)
     say = notify or (lambda message: None)
-    log_path = Path(beam.beam_dir) / f"engine-attempt-{attempt}.log"
+    log_path = attempt_log(Path(beam.beam_dir), attempt)
     followed = _run_job(settings, backend, beam, log_path, on_line, say, holder)
     job, run = followed.job, followed.run
     failure, completed = judge(run, followed.lines, settings)

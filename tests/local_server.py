@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from deployments.prefect_env import SERVER_DEFAULTS
+
+DRAIN_SECONDS = 30
 
 
 def free_port() -> int:
@@ -65,6 +74,12 @@ class LocalServer:
             time.sleep(0.2)  # polling the health endpoint until the server answers
         raise TimeoutError(f"prefect server did not become healthy in {timeout} s")
 
+    def kill(self) -> None:
+        """SIGKILL the server's process group, as a crash or an OOM kill would: no clean shutdown."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)
@@ -73,3 +88,21 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()
+
+
+@contextmanager
+def pointed_at(server: LocalServer) -> Iterator[LocalServer]:
+    """This process's Prefect client, and the processes it starts, use `server` for the block.
+
+    On the way out, the logs and events queued for `server` are delivered while it is still
+    up: a worker left holding them for a stopped server blocks the test harness's teardown
+    (it drains every worker) for good.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PREFECT_API_URL", server.api_url)
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            try:
+                yield server
+            finally:
+                APILogWorker.drain_all(timeout=DRAIN_SECONDS)
+                EventsWorker.drain_all(timeout=DRAIN_SECONDS)

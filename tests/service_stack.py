@@ -122,12 +122,16 @@ def engine_launches(log: Path, since: int = 0) -> dict[str, int]:
 class Stack:
     """The repository's deployments, and the warm process worker polling their pool."""
 
-    def __init__(self, root: Path, prefix: list[str] | None = None) -> None:
+    def __init__(self, root: Path, overrides: dict | None = None, prefix: list[str] | None = None) -> None:
+        """`overrides` replace keys of FAST per section (e.g. an ssh: section and its backend)."""
         self.root = root
         self.prefix = prefix or []  # before every command it starts (see `without_privileges`)
         self.api = str(PREFECT_API_URL.value())
         [self.pool] = {pool for pool, _ in work_queues().values()}
-        self.config = write_config(root, FAST)
+        sections = {**FAST, **(overrides or {})}
+        self.config = write_config(
+            root, {name: {**FAST.get(name, {}), **(overrides or {}).get(name, {})} for name in sections}
+        )
         self.settings = load_settings(self.config, env={})
         self.launch_log = root / "launches.jsonl"
         self.worker: subprocess.Popen[bytes] | None = None
@@ -181,7 +185,7 @@ def running_stack(
     tmp_path_factory: pytest.TempPathFactory, prefix: list[str] | None = None
 ) -> Iterator[Stack]:
     """Body of a module-scoped `stack` fixture: started before the module's tests, stopped after."""
-    stack = Stack(tmp_path_factory.mktemp("stack"), prefix)
+    stack = Stack(tmp_path_factory.mktemp("stack"), prefix=prefix)
     stack.start()
     yield stack
     stack.stop()

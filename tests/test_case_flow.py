@@ -87,31 +87,6 @@ def test_case_completes_with_valid_rtdose_per_beam_and_plan(config_file, monkeyp
     assert [row["state"] for row in rows] == ["Completed"] * 3
 
 
-def test_beam_that_always_crashes_fails_the_case_and_keeps_the_others(config_file, monkeypatch):
-    _, state, out, launch_log = run_case(
-        config_file,
-        "CASE-CRASH",
-        monkeypatch,
-        MQI_STANDIN_ENGINE_FAULT="segfault",
-        MQI_STANDIN_ENGINE_FAULT_KEYS="3",
-    )
-    assert state.is_failed()
-    assert "2/3 beams done" in state.message
-    assert "beam 3 (2G090:TX) failed" in state.message and "SIGSEGV" in state.message
-    assert sorted(p.name for p in out.glob("*.dcm")) == ["RTDOSE_beam02.dcm", "RTDOSE_beam04.dcm"]
-    assert launches(launch_log) == {"2": 1, "3": 2, "4": 1}  # retries: 1 in the test config
-
-
-def test_engine_failing_once_is_retried_and_the_case_completes(config_file, monkeypatch):
-    _, state, out, launch_log = run_case(
-        config_file, "CASE-RETRY", monkeypatch, MQI_STANDIN_ENGINE_FAIL_FIRST="1"
-    )
-    assert state.is_completed(), state.message
-    assert launches(launch_log) == {"2": 2, "3": 2, "4": 2}
-    prov = json.loads((out / "RTDOSE_beam02.provenance.json").read_text())
-    assert prov["beams"][0]["attempts"] == 2
-
-
 def test_gpu_that_nvidia_smi_shows_busy_with_a_foreign_process_is_not_used(tmp_path, monkeypatch):
     smi = tmp_path / "smi"
     smi.mkdir()

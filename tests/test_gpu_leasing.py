@@ -23,7 +23,7 @@ from tasks import gpu_wakeup
 from tasks.gpu import GpuLimitMissing, ensure_gpu_limits, gpu_lease, gpu_status
 from tasks.moqui_input import read_tps
 from tests.conftest import write_config
-from tests.local_server import LocalServer
+from tests.local_server import LocalServer, pointed_at
 
 pytestmark = pytest.mark.integration
 
@@ -48,13 +48,10 @@ def server(tmp_path_factory) -> Iterator[LocalServer]:
 
 
 @pytest.fixture
-def use_server(server, monkeypatch) -> LocalServer:
+def use_server(server) -> Iterator[LocalServer]:
     """Point this process's Prefect client at the local server."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    monkeypatch.setenv("PREFECT_API_URL", server.api_url)
-    with temporary_settings({PREFECT_API_URL: server.api_url}):
-        yield server
+    with pointed_at(server) as local:
+        yield local
 
 
 def leased(settings, index: int) -> bool:

@@ -15,6 +15,7 @@ from tasks.backends import JobState, follow
 from tasks.backends.local import LocalBackend
 from tasks.engine import judge, verify_dose
 from tasks.errors import PermanentError
+from tasks.simulate import attempt_log
 from tests.beams import launch, launches, prepare_beams, run_beam
 from tests.conftest import write_config
 
@@ -134,3 +135,13 @@ def test_missing_engine_folder_or_command_is_permanent(tmp_path):
     [beam] = prepare_beams(settings, "LOCAL-NOCMD")
     with pytest.raises(PermanentError, match="cannot start the engine: '/opt/no-such/tps_env' not found"):
         launch(LocalBackend(settings), beam)
+
+
+def test_engine_logs_of_a_later_run_do_not_overwrite_earlier_ones(tmp_path):
+    """A rerun starts at attempt 1 again; the log a failed run's message names must survive."""
+    first, retry, rerun = attempt_log(tmp_path, 1), attempt_log(tmp_path, 2), attempt_log(tmp_path, 1)
+    assert [first.name, retry.name, rerun.name] == [
+        "engine-attempt-1.log",
+        "engine-attempt-2.log",
+        "engine-attempt-1-2.log",
+    ]

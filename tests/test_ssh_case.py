@@ -1,17 +1,13 @@
-"""Whole cases over SSH on a Prefect test server: remote jobs, adoption after a crash, rejected outputs."""
+"""Whole cases over SSH on a Prefect test server: remote jobs, rejected outputs (crashes: test_faults.py)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 from prefect.blocks.system import Secret
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from config import load_settings
 from flows.case import process_case
@@ -24,10 +20,8 @@ from tasks.gpu import ensure_gpu_limits
 from tasks.simulate import simulate_beam
 from tests.beams import launches, prepare_beams, run_beam
 from tests.conftest import write_config
-from tests.local_server import LocalServer
 from tests.sshd import keygen
 from tests.test_case_flow import dciodvfy_errors
-from tests.test_local_backend import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_server")]
 
@@ -65,67 +59,6 @@ def test_whole_case_over_ssh(tmp_path, sshd, hpc, monkeypatch):
         assert (job / "dose" / Path(prov["engine_output"]).name).stat().st_size == 40**3 * 8
         assert "Total execution time" in Path(prov["engine_log"]).read_text()  # mirrored locally
     assert dciodvfy_errors(out / "RTDOSE_plan.dcm") == []
-
-
-@pytest.fixture
-def real_server(tmp_path_factory, monkeypatch) -> Iterator[LocalServer]:
-    """A real Prefect server: the test harness's runs no repossessor, so a dead holder's GPU lease
-    never expires there; `prefect server start` (as `mqi server` runs it) frees it."""
-    server = LocalServer(tmp_path_factory.mktemp("prefect-home"))
-    server.start()
-    monkeypatch.setenv("PREFECT_API_URL", server.api_url)
-    try:
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield server
-    finally:
-        server.stop()
-
-
-def test_killed_flow_is_adopted_and_no_engine_runs_twice(tmp_path, sshd, hpc, monkeypatch, real_server):
-    """Start a case, SIGKILL the flow process mid-simulation, run the case again: one launch per beam.
-
-    The second run finds two jobs running (adopts them once their GPU leases, held by the dead
-    process, expire) and the third beam's job missing (launches it).
-    """
-    config = ssh_case_config(tmp_path, sshd, hpc, "hpc-adopt")
-    settings = load_settings(config, env={})
-    case_dir = write_sample_case(settings.scan_dir, "ADOPT", beams=3)
-    launch_log = tmp_path / "launches.jsonl"
-    env = {
-        **real_server.env(),
-        "MQI_STANDIN_LAUNCH_LOG": str(launch_log),
-        "MQI_STANDIN_ENGINE_DURATION": "20",  # still running when the second run looks
-    }
-    first = subprocess.Popen(
-        [sys.executable, "-m", "deployments.cli", "--config", str(config), "run", str(case_dir)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(
-            lambda: len(launches(launch_log)) == 2, "two beams' engines to start (two GPUs)", timeout=120
-        )
-    finally:
-        first.kill()  # SIGKILL: no clean-up, leases left to expire, remote jobs keep running
-        first.wait(timeout=30)
-    records = {
-        path.parent: json.loads(path.read_text()) for path in hpc.remote_root.glob("ADOPT/*/*/job.json")
-    }
-    still_running = [job for job in records if not (job / "exit.json").exists()]
-    assert len(records) == 2 and still_running  # the second run must adopt, not find them done
-
-    monkeypatch.setenv("MQI_STANDIN_LAUNCH_LOG", str(launch_log))
-    monkeypatch.delenv("MQI_STANDIN_ENGINE_DURATION", raising=False)
-    state = process_case(str(case_dir), str(config), return_state=True)
-    assert state.is_completed(), state.message
-    assert launches(launch_log) == {"2": 1, "3": 1, "4": 1}
-    for job, record in records.items():  # the same jobs, not new ones
-        assert json.loads((job / "job.json").read_text()) == record
-    out = settings.output_dir("ADOPT")
-    for number in (2, 3, 4):
-        prov = json.loads((out / f"RTDOSE_beam{number:02d}.provenance.json").read_text())["beams"][0]
-        assert json.loads((Path(prov["job_dir"]) / "job.json").read_text())["gpu"] == prov["gpu"]
 
 
 def test_corrupted_output_is_rejected_and_the_beam_relaunched(tmp_path, sshd, hpc, monkeypatch):

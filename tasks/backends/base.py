@@ -58,6 +58,14 @@ class FetchError(ToolError):
     """A finished job's output could not be downloaded intact; its result is rejected."""
 
 
+class LocalWriteError(ToolError):
+    """A finished job's output could not be stored here (e.g. the disk is full).
+
+    The result on the GPU host is intact, so it is not rejected: the next attempt, or a
+    rerun once there is space, downloads it again instead of running the engine again.
+    """
+
+
 @dataclass(frozen=True)
 class CommandResult:
     code: int

@@ -8,7 +8,9 @@ engine's output) and the job record (base.py). Uploads are checked by size
 hash are not sent again. Downloads go to `<dose file>.part`, optionally
 zstd-compressed on the host, and are renamed only when size and sha256 match
 what the job's wrapper recorded when the engine ended; a mismatch is
-downloaded once more, then rejected.
+downloaded once more, then rejected. A download that cannot be stored here (a
+full disk) fails the attempt but leaves the job's result alone: the next
+attempt, or a rerun, downloads it again without running the engine again.
 
 Case ids and beam names are untrusted text (spaces, quotes, unicode occur):
 they only ever reach the host as shlex-quoted words, and names that cannot be
@@ -21,13 +23,23 @@ import hashlib
 import io
 import os
 import shlex
+import shutil
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 import zstandard
 
 from config.settings import Settings, SshSettings
-from tasks.backends.base import WRAPPER, WRAPPER_NAME, Backend, CommandResult, FetchError, Job, LaunchSpec
+from tasks.backends.base import (
+    WRAPPER,
+    WRAPPER_NAME,
+    Backend,
+    CommandResult,
+    FetchError,
+    Job,
+    LaunchSpec,
+    LocalWriteError,
+)
 from tasks.backends.sshconn import SshHost, ssh_host
 from tasks.casefolder import csv_dir_name
 from tasks.engine import format_engine_command
@@ -209,6 +221,14 @@ class SshBackend(Backend):
                 if got == expected:
                     os.replace(part, final)
                     return
+        except OSError as error:  # our side (a full disk, rights): the job's result is still good
+            part.unlink(missing_ok=True)
+            free = shutil.disk_usage(final.parent).free
+            raise LocalWriteError(
+                f"{label}: cannot store the dose here: {error.strerror or error} writing {part} "
+                f"({expected[1]} bytes needed, {free} free there); the engine's result stays in "
+                f"{job.dir} on {self.where} and is downloaded again by the next attempt or a rerun"
+            ) from None
         finally:
             part.unlink(missing_ok=True)
         raise FetchError(
