@@ -261,14 +261,25 @@ def test_sshd_down_for_longer_than_a_poll_then_back(server, hpc, tmp_path):
 # -- 4. the engine fails once, crashes every time, or hangs --------------------------------------
 
 
-def test_engine_failing_once_is_retried_and_the_case_completes(server, tmp_path, monkeypatch):
-    settings = quick_config(tmp_path, "fail-once")
-    case = watch(small_case(settings.scan_dir, "FAIL-ONCE", beams=2))
+def run_with_faulty_beam_3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, fault: dict[str, str], **sections: dict
+) -> tuple[Settings, Watched, Path]:
+    """A two-beam case run in this process, the stand-in engine told to misbehave on beam 3."""
+    settings = quick_config(tmp_path, name.lower(), **sections)
+    case = watch(small_case(settings.scan_dir, name, beams=2))
     launch_log = tmp_path / "launches.jsonl"
     monkeypatch.setenv("MQI_STANDIN_LAUNCH_LOG", str(launch_log))
-    monkeypatch.setenv("MQI_STANDIN_ENGINE_FAIL_FIRST", "1")
     monkeypatch.setenv("MQI_STANDIN_ENGINE_FAULT_KEYS", "3")
+    for variable, value in fault.items():
+        monkeypatch.setenv(variable, value)
     run_in_process(settings, case)
+    return settings, case, launch_log
+
+
+def test_engine_failing_once_is_retried_and_the_case_completes(server, tmp_path, monkeypatch):
+    settings, case, launch_log = run_with_faulty_beam_3(
+        tmp_path, monkeypatch, "FAIL-ONCE", {"MQI_STANDIN_ENGINE_FAIL_FIRST": "1"}
+    )
     check_invariants(
         settings, launch_log, case, state=StateType.COMPLETED, launches={2: 1, 3: 2}, done=(2, 3)
     )
@@ -277,13 +288,9 @@ def test_engine_failing_once_is_retried_and_the_case_completes(server, tmp_path,
 
 
 def test_engine_crashing_every_time_fails_its_beam_with_the_log_tail(server, tmp_path, monkeypatch):
-    settings = quick_config(tmp_path, "crash")
-    case = watch(small_case(settings.scan_dir, "CRASH", beams=2))
-    launch_log = tmp_path / "launches.jsonl"
-    monkeypatch.setenv("MQI_STANDIN_LAUNCH_LOG", str(launch_log))
-    monkeypatch.setenv("MQI_STANDIN_ENGINE_FAULT", "segfault")
-    monkeypatch.setenv("MQI_STANDIN_ENGINE_FAULT_KEYS", "3")
-    run_in_process(settings, case)
+    settings, case, launch_log = run_with_faulty_beam_3(
+        tmp_path, monkeypatch, "CRASH", {"MQI_STANDIN_ENGINE_FAULT": "segfault"}
+    )
     check_invariants(
         settings,
         launch_log,
@@ -299,13 +306,9 @@ def test_engine_crashing_every_time_fails_its_beam_with_the_log_tail(server, tmp
 
 
 def test_hanging_engine_is_killed_after_the_beam_timeout(server, tmp_path, monkeypatch):
-    settings = quick_config(tmp_path, "hang", engine={"timeout_seconds": 5})
-    case = watch(small_case(settings.scan_dir, "HANG", beams=2))
-    launch_log = tmp_path / "launches.jsonl"
-    monkeypatch.setenv("MQI_STANDIN_LAUNCH_LOG", str(launch_log))
-    monkeypatch.setenv("MQI_STANDIN_ENGINE_FAULT", "hang")
-    monkeypatch.setenv("MQI_STANDIN_ENGINE_FAULT_KEYS", "3")
-    run_in_process(settings, case)
+    settings, case, launch_log = run_with_faulty_beam_3(
+        tmp_path, monkeypatch, "HANG", {"MQI_STANDIN_ENGINE_FAULT": "hang"}, engine={"timeout_seconds": 5}
+    )
     check_invariants(
         settings,
         launch_log,
