@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from uuid import UUID
 
 import httpx
@@ -232,11 +233,16 @@ class _Queue:
                     for lease in orphans:
                         lease.give_back(client)
 
-    def hand_over(self, lease: _Lease) -> bool:
-        """Give `lease` to the beam at the head of the queue; False if no beam waits."""
+    def hand_over(self, lease: _Lease, farewell: Callable[[], None]) -> bool:
+        """Give `lease` to the beam at the head of the queue; False if no beam waits.
+
+        `farewell` (the old holder's release event) runs first, so that it always
+        precedes the new holder's lease event.
+        """
         with self._cond:
             if not self._tickets:
                 return False
+            farewell()
             self._handed.append(lease)
         release_signal(lease.host).released()  # wakes the head, waiting for a release
         return True
@@ -338,6 +344,7 @@ def gpu_lease(
         try:
             yield lease.index
         finally:
-            lease.announce(RELEASED, who)
-            if not queue.hand_over(lease):
+            farewell = partial(lease.announce, RELEASED, who)
+            if not queue.hand_over(lease, farewell):
                 lease.give_back(client)
+                farewell()  # after the slot is free: other processes' waiters ask on this event

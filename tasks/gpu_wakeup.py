@@ -84,9 +84,10 @@ class ReleaseSignal:
             self._following = value
 
     async def _follow(self) -> None:
+        since = datetime.now(UTC)
         while True:
-            released = EventFilter(
-                occurred=EventOccurredFilter(since=datetime.now(UTC)),
+            released = EventFilter(  # from `since` on: the server first sends what we missed
+                occurred=EventOccurredFilter(since=since),
                 event=EventNameFilter(name=[RELEASED]),
                 resource=EventResourceFilter(id_prefix=[f"mqi.gpu.{self._host}."]),
             )
@@ -97,6 +98,7 @@ class ReleaseSignal:
                         self.released()
             except Exception as error:  # the server is down or restarting: poll meanwhile
                 logger.debug("GPU release events of %s not followed: %s", self._host, error)
+            since = datetime.now(UTC)
             self._set_following(False)
             self.released()  # a release may have been missed while disconnected
             await asyncio.sleep(RECONNECT_SECONDS)
