@@ -34,12 +34,15 @@ def run_beam(backend: Backend, beam: BeamInput, gpu: int = 0) -> Followed:
     return follow(backend, job, backend.engine_argv(beam, gpu), Path(beam.beam_dir) / "engine.log")
 
 
-def launches(log: Path) -> dict[str, int]:
-    """Engine launches per beam number, from the stand-in engine's launch record."""
+def launches(log: Path, since: int = 0) -> dict[str, int]:
+    """Engine launches per beam number, from the stand-in engine's launch record after byte `since`."""
     counts: dict[str, int] = {}
     if not log.exists():
         return counts
-    for line in log.read_text().splitlines():
+    with log.open("rb") as stream:
+        stream.seek(since)
+        lines = stream.read().decode().splitlines()
+    for line in lines:
         record = json.loads(line)
         if record["tool"] == "engine" and record["event"] == "start":
             counts[record["key"]] = counts.get(record["key"], 0) + 1

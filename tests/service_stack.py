@@ -7,7 +7,6 @@ Test modules run one after the other, so one worker at a time serves the pool.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -103,20 +102,6 @@ def events(name: str, resource_id: str) -> list:
             limit=50,  # the server's maximum (the client's default of 100 is refused)
         )
     return page.events
-
-
-def engine_launches(log: Path, since: int = 0) -> dict[str, int]:
-    """Engine launches per beam number recorded after byte offset `since` of the launch log."""
-    counts: dict[str, int] = {}
-    if not log.exists():
-        return counts
-    with log.open("rb") as stream:
-        stream.seek(since)
-        for line in stream.read().decode().splitlines():
-            record = json.loads(line)
-            if record["tool"] == "engine" and record["event"] == "start":
-                counts[record["key"]] = counts.get(record["key"], 0) + 1
-    return counts
 
 
 class Stack:

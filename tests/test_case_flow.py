@@ -17,20 +17,11 @@ from flows.case import process_case
 from standins.sample_case import write_sample_case
 from tasks.report import artifact_key
 from tasks.rtdose import read_dose_gy
+from tests.beams import launches
 from tests.conftest import write_config
 from tests.sshd import FIXTURES
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_server")]
-
-
-def launches(log: Path) -> dict[str, int]:
-    """Engine launches per beam number, from the stand-in engine's launch record."""
-    counts: dict[str, int] = {}
-    for line in log.read_text().splitlines():
-        record = json.loads(line)
-        if record["tool"] == "engine" and record["event"] == "start":
-            counts[record["key"]] = counts.get(record["key"], 0) + 1
-    return counts
 
 
 def run_case(config_file: Path, case_id: str, monkeypatch, **env: str):

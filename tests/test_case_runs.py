@@ -16,10 +16,10 @@ from prefect.states import Cancelling, State, StateType
 
 from deployments.cli import main
 from deployments.processes import process_alive
+from tests.beams import launches
 from tests.service_stack import (
     Stack,
     case_runs,
-    engine_launches,
     finished,
     running_stack,
     small_case,
@@ -43,9 +43,9 @@ def test_rerun_reuses_every_finished_beam_and_reruns_the_beam_asked_for(stack, c
     assert rerun(stack, "RERUN-1") == 0  # never run before: every beam is simulated
     mark = stack.launch_log.stat().st_size
     assert rerun(stack, "RERUN-1") == 0
-    assert engine_launches(stack.launch_log, mark) == {}
+    assert launches(stack.launch_log, mark) == {}
     assert rerun(stack, "RERUN-1", "--beam", "3") == 0
-    assert engine_launches(stack.launch_log, mark) == {"3": 1}
+    assert launches(stack.launch_log, mark) == {"3": 1}
     assert "Completed: case RERUN-1: 2/2 beams done" in capsys.readouterr().out
     runs = case_runs(["RERUN-1"])
     assert len(runs) == 3 and all("trigger:manual" in run.tags for run in runs)
@@ -65,17 +65,17 @@ def test_rerun_after_a_failed_beam_simulates_only_that_beam(stack):
     [run] = wait_for("the failing run", lambda: finished(["FAILED-1"]))
     assert run.id == failed.id and run.state_type == StateType.FAILED
     assert "2/3 beams done, beam 3 (2G090:TX) failed" in run.state.message
-    assert engine_launches(stack.launch_log, mark) == {"2": 1, "3": 1, "4": 1}
+    assert launches(stack.launch_log, mark) == {"2": 1, "3": 1, "4": 1}
     mark = stack.launch_log.stat().st_size
     assert rerun(stack, "FAILED-1") == 0
-    assert engine_launches(stack.launch_log, mark) == {"3": 1}
+    assert launches(stack.launch_log, mark) == {"3": 1}
 
 
 def test_retry_of_a_failed_run_as_the_ui_does_it_reruns_only_the_failed_beam(stack, tmp_path):
     case = small_case(stack.settings.scan_dir, "RETRY-1", beams=3)
-    launches = tmp_path / "retry-launches.jsonl"  # this run's own record: FAIL_FIRST counts launches in it
+    launch_log = tmp_path / "retry-launches.jsonl"  # this run's own record: FAIL_FIRST counts launches in it
     fault = {
-        "MQI_STANDIN_LAUNCH_LOG": str(launches),
+        "MQI_STANDIN_LAUNCH_LOG": str(launch_log),
         "MQI_STANDIN_ENGINE_FAIL_FIRST": "1",
         "MQI_STANDIN_ENGINE_FAULT_KEYS": "3",
     }
@@ -95,13 +95,13 @@ def test_retry_of_a_failed_run_as_the_ui_does_it_reruns_only_the_failed_beam(sta
         wait_for("the retried run to start", lambda: client.read_flow_run(run.id).run_count == 2)
     [retried] = wait_for("the retried run to finish", lambda: finished(["RETRY-1"]))
     assert retried.id == run.id and retried.state_type == StateType.COMPLETED, retried.state.message
-    assert engine_launches(launches) == {"2": 1, "3": 2, "4": 1}
+    assert launches(launch_log) == {"2": 1, "3": 2, "4": 1}
 
 
 def test_cancel_in_the_ui_stops_the_run_and_the_tool_it_is_running(stack, tmp_path):
     case = small_case(stack.settings.scan_dir, "CANCEL-1")
-    launches = tmp_path / "cancel-launches.jsonl"
-    hang = {"MQI_STANDIN_LAUNCH_LOG": str(launches), "MQI_STANDIN_INTERPRETER_FAULT": "hang"}
+    launch_log = tmp_path / "cancel-launches.jsonl"
+    hang = {"MQI_STANDIN_LAUNCH_LOG": str(launch_log), "MQI_STANDIN_INTERPRETER_FAULT": "hang"}
     run = run_deployment(
         "process-case/case",
         parameters={"case_dir": str(case)},
@@ -109,8 +109,8 @@ def test_cancel_in_the_ui_stops_the_run_and_the_tool_it_is_running(stack, tmp_pa
         job_variables={"env": hang},
         timeout=0,
     )
-    wait_for("the interpreter to start", lambda: launches.exists() and launches.read_text())
-    [interpreter] = [json.loads(line)["pid"] for line in launches.read_text().splitlines()]
+    wait_for("the interpreter to start", lambda: launch_log.exists() and launch_log.read_text())
+    [interpreter] = [json.loads(line)["pid"] for line in launch_log.read_text().splitlines()]
     with get_client(sync_client=True) as client:  # the UI's Cancel button
         client.set_flow_run_state(run.id, Cancelling(), force=True)
     [cancelled] = wait_for("the run to be cancelled", lambda: finished(["CANCEL-1"]))

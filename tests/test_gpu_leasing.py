@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from tasks.gpu import GpuLimitMissing, ensure_gpu_limits, gpu_lease, gpu_status
 from tasks.moqui_input import read_tps
 from tests.conftest import write_config
 from tests.local_server import LocalServer, pointed_at
+from tests.service_stack import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -57,16 +57,6 @@ def use_server(server) -> Iterator[LocalServer]:
 def leased(settings, index: int) -> bool:
     with get_client(sync_client=True) as client:
         return client.read_global_concurrency_limit_by_name(settings.gpu_limit_name(index)).active_slots > 0
-
-
-def wait_for(read, ok, timeout: float = 60):
-    """Re-read until `ok` holds (events reach the server asynchronously); fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = read()
-        if ok(value) or time.monotonic() > deadline:
-            return value
-        time.sleep(0.2)
 
 
 def start_holder(server: LocalServer, config: Path, beam: str) -> subprocess.Popen[str]:
@@ -162,7 +152,9 @@ def test_killed_holder_gpu_returns_after_its_lease_expires(use_server, tmp_path)
     ensure_gpu_limits(settings)
     first = start_holder(use_server, config, "1")
     assert first.stdout.readline().strip() == "holding 0"
-    status = wait_for(lambda: gpu_status(settings)[0], lambda row: row["case"] == "HOLDER")
+    status = wait_for(
+        "the holder in the GPU status", lambda: (row := gpu_status(settings)[0])["case"] == "HOLDER" and row
+    )
     assert status["state"] == "leased" and status["beam"] == "1" and status["since"]
     first.kill()  # SIGKILL: no release, no more renewals
     first.wait()
@@ -206,7 +198,7 @@ def test_release_in_another_process_wakes_the_waiter_through_the_event_stream(
     ensure_gpu_limits(settings)
     signal = gpu_wakeup.release_signal("wakeup")
     signal.follow()
-    assert wait_for(lambda: signal.following, bool)
+    assert wait_for("the release events to be followed", lambda: signal.following)
     waiting = threading.Event()
     wait = signal.wait
     monkeypatch.setattr(signal, "wait", lambda seen: (waiting.set(), wait(seen)))
@@ -264,7 +256,7 @@ def test_beam_ending_while_another_of_its_process_waits_hands_its_gpu_over(use_s
             )
         return [event.payload for event in page.events]
 
-    payloads = wait_for(leases, lambda found: len(found) == 2)
+    payloads = wait_for("both lease events", lambda: found if len(found := leases()) == 2 else None)
     assert {p["beam"] for p in payloads} == {"1", "2"}
     assert payloads[0]["lease_id"] == payloads[1]["lease_id"]  # one server lease, handed over
 
@@ -289,7 +281,10 @@ def test_gpu_monitor_publishes_the_gpu_table(use_server, tmp_path):
     holder = start_holder(use_server, config, "2 (1G000:TX)")  # another process, as in production
     try:
         assert holder.stdout.readline().strip() == "holding 0"
-        rows = wait_for(lambda: gpu_monitor(str(config)), lambda rows: rows[0]["case"] == "HOLDER")
+        rows = wait_for(
+            "the holder in the GPU table",
+            lambda: (table := gpu_monitor(str(config)))[0]["case"] == "HOLDER" and table,
+        )
     finally:
         holder.kill()
     assert [(row["gpu"], row["state"]) for row in rows] == [(0, "leased"), (1, "free")]

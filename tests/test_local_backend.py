@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -18,16 +17,7 @@ from tasks.errors import PermanentError
 from tasks.simulate import attempt_log
 from tests.beams import launch, launches, prepare_beams, run_beam
 from tests.conftest import write_config
-
-
-def wait_for(condition, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.service_stack import wait_for
 
 
 def kill_session(sid: int) -> None:
@@ -92,9 +82,9 @@ def test_lost_wrapper_is_a_failed_job_and_is_launched_again(backend, settings, t
     monkeypatch.setenv("MQI_STANDIN_ENGINE_DURATION", "30")
     [beam] = prepare_beams(settings, "LOCAL-LOST")
     job = launch(backend, beam)
-    wait_for(lambda: launches(launch_log), "the engine to start")
+    wait_for("the engine to start", lambda: launches(launch_log))
     kill_session(job.pid)  # the wrapper was started with setsid: its pid is the session id
-    lost = wait_for(lambda: (j := backend.lookup(beam)).state is not JobState.RUNNING and j, "the job to end")
+    lost = wait_for("the job to end", lambda: (j := backend.lookup(beam)).state is not JobState.RUNNING and j)
     assert lost.state is JobState.FINISHED_FAILED and lost.exit_code is None
     assert "wrapper is gone" in lost.problem
 
