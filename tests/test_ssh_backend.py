@@ -23,8 +23,8 @@ from tasks.moqui_input import read_tps
 from tasks.tps import TPS_NAME
 from tests.beams import launch, launches, prepare_beams, run_beam
 from tests.conftest import write_config
+from tests.service_stack import wait_for
 from tests.sshd import Sshd, keygen
-from tests.test_local_backend import wait_for
 
 
 def sha256(path: Path) -> str:
@@ -228,10 +228,10 @@ def test_sshd_restart_while_polling_reconnects_without_a_second_launch(tmp_path,
 
         poller = threading.Thread(target=poll)
         poller.start()
-        wait_for(lambda: launches(launch_log), "the engine to start")
+        wait_for("the engine to start", lambda: launches(launch_log))
         sshd.stop()
-        wait_for(lambda: (Path(job.dir) / "exit.json").exists(), "the engine to finish while sshd is down")
-        wait_for(lambda: notes, "the poller to notice the lost connection")
+        wait_for("the engine to finish while sshd is down", lambda: (Path(job.dir) / "exit.json").exists())
+        wait_for("the poller to notice the lost connection", lambda: notes)
         sshd.start()
         poller.join(timeout=120)
         assert "error" not in outcome, outcome.get("error")
@@ -269,7 +269,7 @@ def test_ssh_agent_keys_are_offered(tmp_path, sshd, hpc, monkeypatch):
     socket_path = tmp_path / "agent.sock"
     agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)], stdout=subprocess.DEVNULL)
     try:
-        wait_for(socket_path.exists, "ssh-agent to listen")
+        wait_for("ssh-agent to listen", socket_path.exists)
         monkeypatch.setenv("SSH_AUTH_SOCK", str(socket_path))
         subprocess.run(["ssh-add", "-q", str(sshd.client_key)], check=True, capture_output=True)
         settings = load_settings(config_with(tmp_path, sshd, hpc, key_file=None, allow_agent=True), env={})
