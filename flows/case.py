@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import Task, flow, tags, unmapped
+from prefect import Task, flow, unmapped
 from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
@@ -66,65 +66,62 @@ def process_case(
     settings = load_settings(config)
     ensure_gpu_limits(settings)
     case = discover(settings, case_dir)
-    with tags(f"case:{case.case_id}"):
-        csv_dir = interpret(settings, case)
-        inputs = [
-            future.result()
-            for future in write_tps.map(unmapped(settings), unmapped(case), case.beams, unmapped(csv_dir))
-        ]
-        again = beams_to_simulate_again(settings, inputs, rerun_beams or [], force)
-        logger = get_run_logger()
-        for number, reason in again.items():
-            logger.info("beam %s: %s", number, reason)
-        simulations = [
-            simulation(settings, beam.beam_number in again).submit(settings, beam) for beam in inputs
-        ]
-        beam_of: dict[PrefectFuture, Beam] = dict(zip(simulations, case.beams, strict=True))
+    csv_dir = interpret(settings, case)
+    inputs = [
+        future.result()
+        for future in write_tps.map(unmapped(settings), unmapped(case), case.beams, unmapped(csv_dir))
+    ]
+    again = beams_to_simulate_again(settings, inputs, rerun_beams or [], force)
+    logger = get_run_logger()
+    for number, reason in again.items():
+        logger.info("beam %s: %s", number, reason)
+    simulations = [simulation(settings, beam.beam_number in again).submit(settings, beam) for beam in inputs]
+    beam_of: dict[PrefectFuture, Beam] = dict(zip(simulations, case.beams, strict=True))
 
-        rows: dict[int, BeamRow] = {}
-        results: dict[int, BeamResult] = {}
-        conversions: dict[int, PrefectFuture] = {}
-        for future in as_completed(list(simulations)):
-            beam = beam_of[future]
-            future.wait()  # sets the final state locally; the API may not have it yet
-            if future.state.is_completed():
-                result = future.result()
-                results[beam.number] = result
-                conversions[beam.number] = convert_beam.submit(settings, case, result)
-                rows[beam.number] = BeamRow(
-                    beam=beam.number,
-                    name=beam.name,
-                    state="Completed",
-                    gpu=result.gpu,
-                    attempts=result.attempts,
-                    duration_s=round(result.ended - result.started, 1),
-                )
-            else:
-                rows[beam.number] = BeamRow(
-                    beam=beam.number, name=beam.name, state="Failed", message=_error_text(future)
-                )
-
-        outputs: dict[int, DoseOutput] = {}
-        for number, future in conversions.items():
-            future.wait()
-            if future.state.is_completed():
-                outputs[number] = future.result()
-                rows[number].output = Path(outputs[number].path).name
-            else:
-                rows[number].state = "Failed"
-                rows[number].message = f"conversion failed: {_error_text(future)}"
-
-        ordered = [rows[beam.number] for beam in case.beams]
-        plan_sum = None
-        if len(outputs) == len(case.beams):
-            plan = convert_plan(
-                settings,
-                case,
-                [results[b.number] for b in case.beams],
-                [outputs[b.number] for b in case.beams],
+    rows: dict[int, BeamRow] = {}
+    results: dict[int, BeamResult] = {}
+    conversions: dict[int, PrefectFuture] = {}
+    for future in as_completed(list(simulations)):
+        beam = beam_of[future]
+        future.wait()  # sets the final state locally; the API may not have it yet
+        if future.state.is_completed():
+            result = future.result()
+            results[beam.number] = result
+            conversions[beam.number] = convert_beam.submit(settings, case, result)
+            rows[beam.number] = BeamRow(
+                beam=beam.number,
+                name=beam.name,
+                state="Completed",
+                gpu=result.gpu,
+                attempts=result.attempts,
+                duration_s=round(result.ended - result.started, 1),
             )
-            plan_sum = plan.path
-        message = report(case, ordered, plan_sum)
+        else:
+            rows[beam.number] = BeamRow(
+                beam=beam.number, name=beam.name, state="Failed", message=_error_text(future)
+            )
+
+    outputs: dict[int, DoseOutput] = {}
+    for number, future in conversions.items():
+        future.wait()
+        if future.state.is_completed():
+            outputs[number] = future.result()
+            rows[number].output = Path(outputs[number].path).name
+        else:
+            rows[number].state = "Failed"
+            rows[number].message = f"conversion failed: {_error_text(future)}"
+
+    ordered = [rows[beam.number] for beam in case.beams]
+    plan_sum = None
+    if len(outputs) == len(case.beams):
+        plan = convert_plan(
+            settings,
+            case,
+            [results[b.number] for b in case.beams],
+            [outputs[b.number] for b in case.beams],
+        )
+        plan_sum = plan.path
+    message = report(case, ordered, plan_sum)
     if all(row.state == "Completed" for row in ordered) and plan_sum:
         return Completed(message=message)
     return Failed(message=message)
