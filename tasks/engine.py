@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from config.settings import Settings, python_executable
@@ -45,6 +47,26 @@ def progress_of(line: str) -> float | None:
     if not match or int(match.group(2)) == 0:
         return None
     return int(match.group(1)) / int(match.group(2))
+
+
+def every(
+    seconds: float, update: Callable[[float], None], clock: Callable[[], float] = time.monotonic
+) -> Callable[[float], None]:
+    """`update`, but skipped when it last ran less than `seconds` ago.
+
+    The engine may log thousands of batches; each progress-bar update is a write to the
+    Prefect server that every case run shares, and a bar moved every few seconds is enough.
+    """
+    last: float | None = None
+
+    def maybe(value: float) -> None:
+        nonlocal last
+        now = clock()
+        if last is None or now - last >= seconds:
+            last = now
+            update(value)
+
+    return maybe
 
 
 def _signal_name(number: int) -> str:

@@ -26,11 +26,13 @@ from pydantic import BaseModel
 from config.settings import Settings
 from tasks.backends import Backend, Followed, JobState, follow, make_backend
 from tasks.backends.base import FetchError
-from tasks.engine import engine_failed, judge, progress_of, verify_dose
+from tasks.engine import engine_failed, every, judge, progress_of, verify_dose
 from tasks.errors import PermanentError, ToolError, retry_unless_permanent
 from tasks.gpu import gpu_lease
 from tasks.nvidia_smi import busy_gpus
 from tasks.tps import BeamInput, with_gpu
+
+PROGRESS_SECONDS = 2.0  # least time between two updates of a beam's progress bar
 
 
 class BeamResult(BaseModel):
@@ -178,12 +180,15 @@ def simulate(settings: Settings, beam: BeamInput) -> BeamResult:
     attempt = task_run.run_count or 1
     label = f"beam {beam.beam_number} ({beam.beam_name})"
     bar = create_progress_artifact(0.0, description=f"{label} engine progress")
+    move_bar = every(
+        PROGRESS_SECONDS, lambda done: update_progress_artifact(bar, progress=round(done * 100, 1))
+    )
 
     def on_line(line: str) -> None:
         logger.debug("[engine %s] %s", label, line)
         done = progress_of(line)
         if done is not None:
-            update_progress_artifact(bar, progress=round(done * 100, 1))
+            move_bar(done)
 
     result, completed = simulate_beam(
         settings,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.engine import judge, progress_of
+from tasks.engine import every, judge, progress_of
 from tasks.toolrun import ToolRun
 
 
@@ -41,3 +41,13 @@ def test_progress_lines():
 def test_no_exit_code_is_a_failure(settings):
     failure, _ = judge(run(None), ["Generating particles for (1 of 4 batches)"], settings)
     assert failure == "engine ended without an exit code"
+
+
+def test_progress_updates_are_spaced():
+    now = [0.0]
+    shown: list[float] = []
+    move = every(2.0, shown.append, clock=lambda: now[0])
+    for at, done in [(0.0, 0.1), (0.5, 0.2), (1.99, 0.3), (2.0, 0.4), (3.0, 0.5), (4.5, 0.6)]:
+        now[0] = at
+        move(done)
+    assert shown == [0.1, 0.4, 0.6]
