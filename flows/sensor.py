@@ -5,10 +5,10 @@ file sensor" in the UI) polls the scan folder. Polling, not inotify: the scan fo
 often a network share, where inotify never hears of files written by another host, and
 a poll that reads only folder timestamps is cheap enough to run twice a second (a full
 re-read of every case's files every `sensor.rescan_seconds` is the safety net for files
-rewritten in place). Exactly once: each run is created with `run_deployment(...,
-idempotency_key=<content key>)`, so the server returns the existing run for content it
-has seen, whatever duplicate file events or restarts happen; a changed folder has a new
-key and runs again. Nothing in the scan folder is ever written.
+rewritten in place). Exactly once: each run is created with an idempotency key made
+from the folder's content, so the server returns the existing run for content it has
+seen, whatever duplicate file events or restarts happen; a changed folder has a new key
+and runs again. Nothing in the scan folder is ever written.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from prefect import flow
-from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import (
     FlowFilter,
     FlowFilterName,
@@ -25,13 +25,13 @@ from prefect.client.schemas.filters import (
     FlowRunFilterIdempotencyKey,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.deployments import run_deployment
 from prefect.events import emit_event
 from prefect.logging import get_run_logger
 from prefect.states import AwaitingRetry
 
 from config import load_settings
 from config.settings import Settings
+from tasks.prefect_api import api_client
 from tasks.readiness import CaseWatcher, ReadyCase, room_tag, shown
 
 KEY_LOOKUP_CHUNK = 100  # idempotency keys per query when matching ready cases to existing runs
@@ -56,15 +56,15 @@ def start_case_run(
     parameters: dict[str, object] = {"case_dir": str(case_dir), **(extra or {})}
     if config is not None:
         parameters["config"] = config
-    return run_deployment(
-        settings.sensor.case_deployment,
-        parameters=parameters,
-        idempotency_key=key,
-        timeout=0,
-        flow_run_name=case_dir.name,
-        tags=[tag for tag in (room, f"trigger:{trigger}") if tag],
-        as_subflow=False,  # a case run is a run of its own, not a child of the sensor's run
-    )
+    with api_client() as client:  # a busy server is asked again at once, not after seconds
+        deployment = client.read_deployment_by_name(settings.sensor.case_deployment)
+        return client.create_flow_run_from_deployment(  # a run of its own, not a child of the sensor's
+            deployment.id,
+            parameters=parameters,
+            name=case_dir.name,
+            tags=[tag for tag in (room, f"trigger:{trigger}") if tag],
+            idempotency_key=key,
+        )
 
 
 def runs_by_key(client: SyncPrefectClient, flow_name: str, keys: list[str]) -> dict[str, FlowRun]:
@@ -232,7 +232,7 @@ def file_sensor(config: str | None = None) -> None:
         f" or {sensor.quiet_seconds:g} s without changes" if sensor.quiet_seconds else ""
     )
     logger.info("watching %s every %g s (ready: %s)", settings.scan_dir, sensor.poll_seconds, readiness)
-    with get_client(sync_client=True) as client:
+    with api_client() as client:
         watcher = FileSensor(settings, client, config)
         while True:
             watcher.poll()

@@ -17,7 +17,8 @@ Retry-After; it asks again as soon as any GPU of the host is released
 process waits hands its lease straight to it: the slot stays taken on the
 server (still one engine per GPU), and the next engine starts without a
 round trip to a server that, under load, can take seconds to grant a slot.
-Each lease and release is also sent as an event
+All lease calls go through a client that retries a busy SQLite server at
+once (tasks/prefect_api.py). Each lease and release is also sent as an event
 (`mqi.gpu.leased` / `mqi.gpu.released`, resource `mqi.gpu.<host>.<index>`)
 so `mqi gpus` and the GPU monitor can say who holds a GPU and since when.
 """
@@ -34,7 +35,7 @@ from functools import partial
 from uuid import UUID
 
 import httpx
-from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.events import emit_event
@@ -44,6 +45,7 @@ from prefect.logging import get_logger
 
 from config.settings import Settings
 from tasks.gpu_wakeup import RELEASED, gpu_resource, release_signal
+from tasks.prefect_api import api_client
 
 logger = get_logger("mqi.gpu")
 
@@ -60,7 +62,7 @@ def ensure_gpu_limits(settings: Settings) -> dict[str, list[str]]:
     host = settings.backend.host
     wanted = set(settings.gpu_limit_names())
     done: dict[str, list[str]] = {"created": [], "updated": [], "unchanged": [], "disabled": []}
-    with get_client(sync_client=True) as client:
+    with api_client() as client:
         existing = {limit.name: limit for limit in client.read_global_concurrency_limits(limit=200)}
         for name in sorted(wanted):
             limit = existing.get(name)
@@ -105,7 +107,7 @@ def _last_lease_event(client: SyncPrefectClient, resource_id: str) -> dict[str, 
 def gpu_status(settings: Settings) -> list[dict[str, object]]:
     """One row per configured GPU: limit state from the server, holder from the lease events."""
     rows: list[dict[str, object]] = []
-    with get_client(sync_client=True) as client:
+    with api_client() as client:
         for index in settings.backend.gpus:
             name = settings.gpu_limit_name(index)
             row: dict[str, object] = {
@@ -163,7 +165,7 @@ def _try_acquire(
 
 def _renew_until(stop: threading.Event, lease_id: UUID, duration: float) -> None:
     """Keep the lease alive while engines run on it; if we die, it expires after `duration`."""
-    with get_client(sync_client=True) as client:
+    with api_client() as client:
         while not stop.wait(duration / 3):
             try:
                 client.renew_concurrency_lease(lease_id=lease_id, lease_duration=duration)
@@ -229,7 +231,7 @@ class _Queue:
                     orphans, self._handed = list(self._handed), deque()
                 self._cond.notify_all()
             if orphans:  # the last waiter failed (server error): give the handed GPUs back
-                with get_client(sync_client=True) as client:
+                with api_client() as client:
                     for lease in orphans:
                         lease.give_back(client)
 
@@ -334,7 +336,7 @@ def gpu_lease(
     a foreign process); `who` (case_id, beam) is published with the lease.
     """
     queue = _queue(settings.backend.host)
-    with get_client(sync_client=True) as client:
+    with api_client() as client:
         if only is None:
             with queue.turn():
                 lease = _acquire(client, settings, holder, settings.backend.gpus, skip, queue)

@@ -1,0 +1,75 @@
+"""The busy-retrying transport against a real HTTP server that answers 503 for a while."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from tasks import prefect_api
+from tasks.prefect_api import BusyRetryTransport
+
+
+class BusyServer(ThreadingHTTPServer):
+    """Answers `busy` requests with 503, then `then`; keeps every request body it got."""
+
+    def __init__(self, busy: int, then: int) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.busy, self.then = busy, then
+        self.bodies: list[bytes] = []
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: BusyServer
+
+    def do_POST(self) -> None:
+        self.server.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+        code = 503 if len(self.server.bodies) <= self.server.busy else self.server.then
+        self.send_response(code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def serve(monkeypatch: pytest.MonkeyPatch) -> Iterator:
+    monkeypatch.setattr(prefect_api, "BUSY_RETRIES", 5)
+    monkeypatch.setattr(prefect_api, "BUSY_PAUSE_SECONDS", 0.001)
+    servers: list[BusyServer] = []
+
+    def start(busy: int, then: int = 200) -> tuple[BusyServer, httpx.Client]:
+        server = BusyServer(busy, then)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        host, port = server.server_address
+        return server, httpx.Client(base_url=f"http://{host}:{port}", transport=BusyRetryTransport())
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_503_is_sent_again_with_the_same_body(serve):
+    server, client = serve(busy=4)
+    response = client.post("/v2/concurrency_limits/increment-with-lease", json={"names": ["gpu-a-0"]})
+    assert response.status_code == 200
+    assert server.bodies == [b'{"names":["gpu-a-0"]}'] * 5
+
+
+def test_a_lasting_503_is_handed_back_after_the_quick_tries(serve):
+    server, client = serve(busy=100)
+    assert client.post("/x", json={}).status_code == 503
+    assert len(server.bodies) == 5
+
+
+@pytest.mark.parametrize("code", [200, 423, 500])
+def test_other_answers_are_returned_at_once(serve, code):
+    server, client = serve(busy=0, then=code)
+    assert client.post("/x", json={}).status_code == code
+    assert len(server.bodies) == 1
