@@ -16,7 +16,9 @@ From the engine's launch records it prints:
 - makespan: first engine start -> last engine end (the GPUs' busy window);
 - ideal makespan: ceil(beams / GPUs) * D, and the ratio (goal <= 1.10);
 - the gap between one engine exiting and the next starting on the same GPU:
-  median and max (goal: median <= 0.5 s).
+  median and max (goal: median <= 0.5 s);
+- the GPUs' idle time, split into time a beam waited for a GPU (what leasing
+  costs) and time no beam waited (cases not started or not yet interpreted).
 
 Usage: python benchmarks/scheduling.py [--via up|processes] [--cases 10] [--beams 4] [--gpus 4] [--duration 5]
 """
@@ -37,8 +39,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import yaml
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterName,
+    TaskRunFilter,
+    TaskRunFilterName,
+)
 from prefect.client.schemas.objects import FlowRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -58,8 +66,11 @@ def bench_config(gpus: int) -> dict:
     }
 
 
-def run_processes(root: Path, args: argparse.Namespace, env: dict[str, str]) -> tuple[list[str], float]:
-    """One `mqi run` process per case against a bare server; the cases that failed, and seconds taken."""
+Outcome = tuple[list[str], float, dict[str, float]]  # failed runs, seconds taken, wait starts
+
+
+def run_processes(root: Path, args: argparse.Namespace, env: dict[str, str]) -> Outcome:
+    """One `mqi run` process per case against a bare server."""
     (root / "home").mkdir()
     (root / "data" / "engine").mkdir(parents=True)
     config = root / "config.yaml"
@@ -82,13 +93,15 @@ def run_processes(root: Path, args: argparse.Namespace, env: dict[str, str]) -> 
             for case in cases
         ]
         failed = [case.name for case, run in zip(cases, runs, strict=True) if run.wait() != 0]
-        return failed, time.time() - submitted
+        taken = time.time() - submitted
+        with temporary_settings({PREFECT_API_URL: server.api_url}), get_client(sync_client=True) as client:
+            return failed, taken, wait_starts(client, client.read_flow_runs())
     finally:
         server.stop()
 
 
-def run_service(root: Path, args: argparse.Namespace, env: dict[str, str]) -> tuple[list[str], float]:
-    """Ready case folders written at once into `mqi up`'s scan folder; those that failed, seconds taken."""
+def run_service(root: Path, args: argparse.Namespace, env: dict[str, str]) -> Outcome:
+    """Ready case folders written at once into `mqi up`'s scan folder."""
     names = [f"BENCH{k:02d}" for k in range(args.cases)]
     with mqi_up(root, bench_config(args.gpus), env=env) as api:
         submitted = time.time()
@@ -105,18 +118,58 @@ def run_service(root: Path, args: argparse.Namespace, env: dict[str, str]) -> tu
 
             runs = wait(f"{len(names)} case runs to finish", finished, timeout=1800, poll=0.5)
             taken = time.time() - submitted
-    return [f"{run.name}: {run.state.message}" for run in runs if not run.state.is_completed()], taken
+            waits = wait_starts(client, runs)
+    return [f"{run.name}: {run.state.message}" for run in runs if not run.state.is_completed()], taken, waits
 
 
-def engine_spans(launch_log: Path) -> dict[str, list[tuple[float, float]]]:
-    """(start, end) of every engine run per GPU, from the stand-in's launch records."""
+def wait_starts(client: SyncPrefectClient, runs: list[FlowRun]) -> dict[str, float]:
+    """When each beam's simulate task started, i.e. began to wait for a GPU: '<case>/beam-NN' -> time."""
+    case_of = {run.id: run.name for run in runs}
+    tasks = client.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(case_of))),
+        task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="simulate beam")),
+    )
+    return {
+        f"{case_of[task.flow_run_id]}/beam-{int(task.name.split()[-1]):02d}": task.start_time.timestamp()
+        for task in tasks
+        if task.start_time is not None
+    }
+
+
+Span = tuple[float, float, str]  # engine start, end, '<case>/beam-NN'
+
+
+def engine_spans(launch_log: Path) -> dict[str, list[Span]]:
+    """Every engine run per GPU, from the stand-in's launch records, in start order."""
     records = [json.loads(line) for line in launch_log.read_text().splitlines()]
     starts = {r["pid"]: r for r in records if r["tool"] == "engine" and r["event"] == "start"}
     ends = {r["pid"]: r["time"] for r in records if r["tool"] == "engine" and r["event"] == "end"}
-    spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    spans: dict[str, list[Span]] = defaultdict(list)
     for pid, start in starts.items():
-        spans[str(start["gpu"])].append((start["launched"], ends[pid]))
+        beam = Path(start["input"]).parent  # <work>/<case>/beams/beam-NN/moqui_tps.in
+        spans[str(start["gpu"])].append((start["launched"], ends[pid], f"{beam.parents[1].name}/{beam.name}"))
     return {gpu: sorted(s) for gpu, s in spans.items()}
+
+
+def idle_split(spans: dict[str, list[Span]], waits: dict[str, float], gpus: int) -> tuple[float, float]:
+    """GPU-seconds idle within the makespan: (while a beam waited for a GPU, while none did).
+
+    The first is what the leasing costs (hand-off latency); the second is GPUs with no
+    work yet (cases still starting up, interpreting, or queued behind the running-case
+    limit). Sampled every 10 ms; a beam waits from its simulate task's start to its launch.
+    """
+    runs = [span for s in spans.values() for span in s]
+    launched = {beam: start for start, _, beam in sorted(runs, reverse=True)}  # first launch
+    waiting = [(waits[beam], launched[beam]) for beam in launched if beam in waits]
+    first, last = min(r[0] for r in runs), max(r[1] for r in runs)
+    step, latency, starved = 0.01, 0.0, 0.0
+    for k in range(int((last - first) / step)):
+        t = first + k * step
+        idle = gpus - sum(start <= t < end for start, end, _ in runs)
+        queued = sum(since <= t < until for since, until in waiting)
+        latency += min(idle, queued) * step
+        starved += (idle - min(idle, queued)) * step
+    return latency, starved
 
 
 def main() -> int:
@@ -136,7 +189,7 @@ def main() -> int:
         launch_log = root / "launches.jsonl"
         env = {"MQI_STANDIN_LAUNCH_LOG": str(launch_log), "MQI_STANDIN_ENGINE_DURATION": str(args.duration)}
         print(f"{os.cpu_count()} CPUs, load average before: {os.getloadavg()[0]:.2f}; via {args.via}")
-        failed, taken = (run_service if args.via == "up" else run_processes)(root, args, env)
+        failed, taken, waits = (run_service if args.via == "up" else run_processes)(root, args, env)
         if failed:
             print(f"some case runs failed: {failed}")
             return 1
@@ -146,10 +199,11 @@ def main() -> int:
 
     total = sum(len(s) for s in spans.values())
     first = min(s[0][0] for s in spans.values())
-    last = max(e for s in spans.values() for _, e in s)
+    last = max(end for s in spans.values() for _, end, _ in s)
     makespan = last - first
     ideal = math.ceil(total / args.gpus) * args.duration
     gaps = [b[0] - a[1] for s in spans.values() for a, b in zip(s, s[1:], strict=False)]
+    latency, starved = idle_split(spans, waits, args.gpus)
     print(
         f"{args.cases} cases x {args.beams} beams = {total} engine runs of {args.duration:g} s "
         f"on {args.gpus} GPUs"
@@ -168,6 +222,10 @@ def main() -> int:
             f"gap between engines on one GPU: median {median:.3f} s, max {max(gaps):.3f} s "
             f"(goal median <= 0.5 s: {'PASS' if median <= 0.5 else 'FAIL'})"
         )
+    print(
+        f"GPU idle within the makespan: {latency + starved:.1f} GPU-s; with a beam waiting "
+        f"(hand-off latency) {latency:.1f}, with none waiting (no work yet) {starved:.1f}"
+    )
     print("runs per GPU: " + ", ".join(f"GPU {g}: {len(s)}" for g, s in sorted(spans.items())))
     return 0
 
