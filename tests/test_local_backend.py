@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from config import load_settings
-from tasks.backends import JobState, follow
+from tasks.backends import Job, JobState, follow
 from tasks.backends.local import LocalBackend
 from tasks.engine import judge, verify_dose
 from tasks.errors import PermanentError
@@ -135,3 +137,28 @@ def test_engine_logs_of_a_later_run_do_not_overwrite_earlier_ones(tmp_path):
         "engine-attempt-2.log",
         "engine-attempt-1-2.log",
     ]
+
+
+def test_a_waiting_probe_answers_when_the_job_ends(backend, tmp_path, monkeypatch):
+    """follow() hears of an engine's end at once, not at its next poll: the probe watches the job."""
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    wrapper = subprocess.Popen(["sleep", "600"])  # stands for the job's wrapper while it runs
+    (job_dir / "pid").write_text(f"{wrapper.pid} {Path('/proc/sys/kernel/random/boot_id').read_text()}")
+    record = {"host": "here", "pid": wrapper.pid, "gpu": 0, "timeout": 120, "started": 1.0}
+    (job_dir / "job.json").write_text(json.dumps(record) + "\n")
+    fake_bin, watching = tmp_path / "bin", tmp_path / "watching"
+    fake_bin.mkdir()
+    (fake_bin / "sleep").write_text(f'#!/bin/sh\ntouch {watching}\nexec /bin/sleep "$@"\n')
+    (fake_bin / "sleep").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            probe = pool.submit(backend.probe, Job(str(job_dir), JobState.MISSING), None, 600.0)
+            wait_for("the probe to watch the running job", watching.exists, timeout=30)
+            (job_dir / "exit.json").write_text('{"exit": 0, "ended": 2.0}\n')  # as the wrapper ends
+            job, _ = probe.result(timeout=30)
+    finally:
+        wrapper.kill()
+        wrapper.wait()
+    assert job.state is JobState.FINISHED_OK and job.exit_code == 0

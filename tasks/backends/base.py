@@ -37,6 +37,8 @@ from tasks.tps import BeamInput
 WRAPPER_NAME = "mqi-job.sh"
 WRAPPER = files("tasks.backends").joinpath(WRAPPER_NAME).read_bytes()
 LAUNCH_WAIT_SECONDS = 10.0  # the launch command waits this long for the wrapper's job.json
+PROBE_STEP_SECONDS = 0.05  # a waiting probe looks for the job's end this often
+PROBE_TIMEOUT_SECONDS = 30.0  # a waiting probe may take this long beyond its wait
 # Exit codes of the launch command (the engine's own codes never reach it).
 EXIT_NO_JOB_DIR, EXIT_NO_ENGINE_DIR, EXIT_NO_ENGINE, EXIT_NOT_STARTED = 90, 91, 92, 93
 RECORD_FILES = "job.json exit.json rejected collected pid sha256 engine.log"  # one attempt's record
@@ -141,16 +143,26 @@ def launch_script(job_dir: str, gpu: int, timeout: float, spec: LaunchSpec) -> s
     )
 
 
-def probe_script(job_dir: str, log_offset: int | None) -> str:
+def probe_script(job_dir: str, log_offset: int | None, wait: float = 0.0) -> str:
     """Print the job record (or `missing`), then its state line, then the log from `log_offset`.
 
     The state line is `running`, `lost`, `collected`, `rejected <why>` or exit.json. Alive means: the
-    wrapper's pid exists, is no zombie, and the host has not rebooted since it started.
+    wrapper's pid exists, is no zombie, and the host has not rebooted since it started. With `wait`,
+    a running job is first watched for up to that many seconds and the probe answers within
+    PROBE_STEP_SECONDS of its end: the next beam's engine starts that much sooner than a poll allows.
     """
     log = "" if log_offset is None else f"; tail -c +{log_offset + 1} engine.log 2>/dev/null || true"
+    steps = int(wait / PROBE_STEP_SECONDS)
+    watch = (
+        f"[ -f pid ] && read -r p _ < pid && i=0 && while [ $i -lt {steps} ] && [ ! -f exit.json ] "
+        f"&& [ -e /proc/$p ]; do sleep {PROBE_STEP_SECONDS:g}; i=$((i + 1)); done; "
+        if steps
+        else ""
+    )
     return (
         f"cd -- {shlex.quote(job_dir)} 2>/dev/null && [ -f job.json ] || {{ echo missing; exit 0; }}; "
-        "head -n 1 job.json; "
+        + watch
+        + "head -n 1 job.json; "
         "alive() { [ -f pid ] && read -r p b < pid && read -r _ _ s _ < /proc/$p/stat 2>/dev/null "
         '&& [ "$s" != Z ] && [ "$b" = "$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)" ]; }; '
         "if [ -f collected ]; then echo collected; "
@@ -259,8 +271,13 @@ class Backend(ABC):
             raise ToolError(f"{what} failed on {self.where} (exit {result.code}): {result.output()}")
         return result
 
-    def probe(self, job: Job, log_offset: int | None = None) -> tuple[Job, bytes]:
-        result = self._checked(probe_script(job.dir, log_offset), f"reading job {job.dir}")
+    def probe(self, job: Job, log_offset: int | None = None, wait: float = 0.0) -> tuple[Job, bytes]:
+        """The job's state and new log; with `wait`, not before it ends or `wait` seconds pass."""
+        result = self._checked(
+            probe_script(job.dir, log_offset, wait),
+            f"reading job {job.dir}",
+            timeout=wait + PROBE_TIMEOUT_SECONDS if wait else None,
+        )
         return parse_probe(job.dir, result.stdout)
 
     def lookup(self, beam: BeamInput) -> Job:
@@ -318,7 +335,7 @@ def _probe_patiently(
     lost_since: float | None = None
     while True:
         try:
-            return backend.probe(job, offset)
+            return backend.probe(job, offset, wait=backend.poll_seconds)
         except ConnectionLost as lost:
             now = time.monotonic()
             lost_since = now if lost_since is None else lost_since
@@ -363,7 +380,6 @@ def follow(
                 consume()
                 if job.state is not JobState.RUNNING:
                     break
-                time.sleep(backend.poll_seconds)
         finally:
             consume(final=True)
             follower.close()
