@@ -10,7 +10,9 @@ states and signal handling are all Prefect's own; only the start-up differs. Two
 things differ from the stock worker: Prefect settings given in a run's job variables
 are not re-read (the fork server read them at start-up; MQI_* variables and the tools'
 environment do apply), and changes to code under tasks/ or config/ take effect when the
-worker restarts (the flow file itself is loaded afresh by every run).
+worker restarts (the flow file itself is loaded afresh by every run). Both the worker
+and the runs' engines talk to the server through a client that retries a busy SQLite
+server within milliseconds (tasks/prefect_api.py).
 
     python -m deployments.warm_worker --pool mqi [--name NAME]
 """
@@ -31,9 +33,11 @@ from uuid import UUID
 import anyio
 import anyio.abc
 from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.context import SyncClientContext
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
 from deployments.processes import stop_tree
+from tasks.prefect_api import async_api_client, busy_retry_settings
 
 # What every flow run imports anyway: imported once, in the fork server.
 PRELOAD = ["prefect.engine", "prefect.flow_engine", "flows.case", "flows.sensor", "flows.gpu_monitor"]
@@ -50,7 +54,8 @@ def run_engine(flow_run_id: str, env: dict[str, str], cwd: str | None) -> None:
     if cwd:
         os.chdir(cwd)
     sys.argv = ["prefect.engine"]
-    runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
+    with SyncClientContext(httpx_settings=busy_retry_settings()):  # the engine's client: ours
+        runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
 
 
 # It serves process pools, so it keeps the worker type "process"; Prefect warns that the
@@ -60,6 +65,15 @@ warnings.filterwarnings("ignore", message="Type 'WarmProcessWorker' .* key 'proc
 
 class WarmProcessWorker(ProcessWorker):
     """The process worker (same pools, job template and states) with forked flow-run processes."""
+
+    async def setup(self) -> None:
+        """Prefect's setup, then a client that asks a busy SQLite server again at once.
+
+        Prefect's client waits 2, 4, 8, ... s after a 503; measured under load, a run
+        sat Pending for 30 s that way, holding one of the running-case places.
+        """
+        await super().setup()
+        self._client = await self._exit_stack.enter_async_context(async_api_client())
 
     async def run(
         self,

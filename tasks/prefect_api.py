@@ -8,33 +8,68 @@ meanwhile), and so did case-run creations. This client's transport retries a
 503 itself, after a few milliseconds, up to BUSY_RETRIES times; what lasts
 longer still meets the client's own retries. A 503 means the server's
 transaction was rolled back, so asking again does nothing twice.
+
+Used for GPU leases, case-run creation, the warm worker and the flow-run
+processes it starts (deployments/warm_worker.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
-from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.orchestration import PrefectClient, SyncPrefectClient, get_client
 
 BUSY_RETRIES = 40  # quick tries per request before the client's own (slow) retries take over
 BUSY_PAUSE_SECONDS = 0.05  # mean pause between two tries
 
 
+def _pauses() -> Iterator[float]:
+    """The pause before each quick try after a 503: random, so that busy writers interleave."""
+    for _ in range(BUSY_RETRIES - 1):
+        yield random.uniform(0, 2 * BUSY_PAUSE_SECONDS)
+
+
 class BusyRetryTransport(httpx.HTTPTransport):
-    """HTTP transport that sends a request again, after a short random pause, while it gets 503."""
+    """HTTP transport that sends a request again, after a short pause, while it gets 503."""
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        for _ in range(BUSY_RETRIES - 1):
+        for pause in _pauses():
             response = super().handle_request(request)
             if response.status_code != 503:
                 return response
             response.close()
-            time.sleep(random.uniform(0, 2 * BUSY_PAUSE_SECONDS))  # apart, so busy writers interleave
+            time.sleep(pause)
         return super().handle_request(request)
 
 
+class AsyncBusyRetryTransport(httpx.AsyncHTTPTransport):
+    """The same for async clients."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        for pause in _pauses():
+            response = await super().handle_async_request(request)
+            if response.status_code != 503:
+                return response
+            await response.aclose()
+            await asyncio.sleep(pause)
+        return await super().handle_async_request(request)
+
+
+def busy_retry_settings() -> dict[str, Any]:
+    """httpx settings for a sync Prefect client (3 connection retries, as Prefect's own)."""
+    return {"transport": BusyRetryTransport(retries=3)}
+
+
 def api_client() -> SyncPrefectClient:
-    """A sync client of the current Prefect API with the busy-retrying transport (a context manager)."""
-    return get_client(sync_client=True, httpx_settings={"transport": BusyRetryTransport(retries=3)})
+    """A sync client of the current Prefect API that retries a busy server (a context manager)."""
+    return get_client(sync_client=True, httpx_settings=busy_retry_settings())
+
+
+def async_api_client() -> PrefectClient:
+    """An async client of the current Prefect API that retries a busy server."""
+    return get_client(httpx_settings={"transport": AsyncBusyRetryTransport(retries=3)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,7 +11,7 @@ import httpx
 import pytest
 
 from tasks import prefect_api
-from tasks.prefect_api import BusyRetryTransport
+from tasks.prefect_api import AsyncBusyRetryTransport, BusyRetryTransport
 
 
 class BusyServer(ThreadingHTTPServer):
@@ -66,6 +67,19 @@ def test_a_lasting_503_is_handed_back_after_the_quick_tries(serve):
     server, client = serve(busy=100)
     assert client.post("/x", json={}).status_code == 503
     assert len(server.bodies) == 5
+
+
+def test_the_async_transport_does_the_same(serve):
+    server, client = serve(busy=4)
+    host, port = server.server_address
+
+    async def post() -> httpx.Response:
+        transport = AsyncBusyRetryTransport()
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", transport=transport) as http:
+            return await http.post("/x", json={"slots": 1})
+
+    assert asyncio.run(post()).status_code == 200
+    assert server.bodies == [b'{"slots":1}'] * 5
 
 
 @pytest.mark.parametrize("code", [200, 423, 500])
