@@ -13,6 +13,7 @@ import pytest
 
 from config import load_settings
 from tasks.backends import Job, JobState, follow
+from tasks.backends.base import probe_script
 from tasks.backends.local import LocalBackend
 from tasks.engine import judge, verify_dose
 from tasks.errors import PermanentError
@@ -162,3 +163,10 @@ def test_a_waiting_probe_answers_when_the_job_ends(backend, tmp_path, monkeypatc
         wrapper.kill()
         wrapper.wait()
     assert job.state is JobState.FINISHED_OK and job.exit_code == 0
+
+
+@pytest.mark.parametrize("poll", [0.001, 0.2, 3.0])
+def test_a_waiting_probe_always_pauses(poll):
+    """follow() no longer sleeps between probes, so even a tiny poll_seconds must wait a step."""
+    assert "sleep 0.05" in probe_script("/jobs/x", 0, wait=poll)
+    assert "sleep" not in probe_script("/jobs/x", 0)

@@ -152,7 +152,7 @@ def probe_script(job_dir: str, log_offset: int | None, wait: float = 0.0) -> str
     PROBE_STEP_SECONDS of its end: the next beam's engine starts that much sooner than a poll allows.
     """
     log = "" if log_offset is None else f"; tail -c +{log_offset + 1} engine.log 2>/dev/null || true"
-    steps = int(wait / PROBE_STEP_SECONDS)
+    steps = max(1, round(wait / PROBE_STEP_SECONDS)) if wait > 0 else 0  # never a probe loop without a pause
     watch = (
         f"[ -f pid ] && read -r p _ < pid && i=0 && while [ $i -lt {steps} ] && [ ! -f exit.json ] "
         f"&& [ -e /proc/$p ]; do sleep {PROBE_STEP_SECONDS:g}; i=$((i + 1)); done; "
