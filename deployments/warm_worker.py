@@ -33,11 +33,10 @@ from uuid import UUID
 import anyio
 import anyio.abc
 from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.context import SyncClientContext
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
 from deployments.processes import stop_tree
-from tasks.prefect_api import async_api_client, busy_retry_settings
+from tasks.prefect_api import async_api_client, flow_run_client_context
 
 # What every flow run imports anyway: imported once, in the fork server.
 PRELOAD = ["prefect.engine", "prefect.flow_engine", "flows.case", "flows.sensor", "flows.gpu_monitor"]
@@ -54,7 +53,7 @@ def run_engine(flow_run_id: str, env: dict[str, str], cwd: str | None) -> None:
     if cwd:
         os.chdir(cwd)
     sys.argv = ["prefect.engine"]
-    with SyncClientContext(httpx_settings=busy_retry_settings()):  # the engine's client: ours
+    with flow_run_client_context():  # the engine's client, and the run's own calls': ours
         runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
 
 

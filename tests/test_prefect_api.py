@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from uuid import uuid4
 
+import certifi
 import httpx
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.settings import (
+    PREFECT_API_SSL_CERT_FILE,
+    PREFECT_API_URL,
+    PREFECT_CLIENT_CSRF_SUPPORT_ENABLED,
+    PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED,
+    temporary_settings,
+)
 
 from tasks import prefect_api
 from tasks.prefect_api import AsyncBusyRetryTransport, BusyRetryTransport
+
+END = "-----END CERTIFICATE-----\n"
 
 
 class BusyServer(ThreadingHTTPServer):
@@ -87,3 +101,46 @@ def test_other_answers_are_returned_at_once(serve, code):
     server, client = serve(busy=0, then=code)
     assert client.post("/x", json={}).status_code == code
     assert len(server.bodies) == 1
+
+
+def test_clients_share_one_tls_context_built_from_prefects_settings(monkeypatch, tmp_path):
+    """Prefect loads the whole CA bundle for every client (~45 ms of CPU); ours load it once."""
+    built: list[ssl.SSLContext] = []
+    create = ssl.create_default_context
+
+    def counted(*args, **kwargs) -> ssl.SSLContext:
+        built.append(create(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(ssl, "create_default_context", counted)
+    prefect_api._tls.cache_clear()
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        for _ in range(3):
+            with prefect_api.api_client():
+                pass
+        prefect_api.async_api_client()
+        assert len(built) == 1
+        assert len(built[0].get_ca_certs()) > 100  # certifi's bundle, as Prefect's default
+
+        one_ca = tmp_path / "clinic-ca.pem"
+        one_ca.write_text(Path(certifi.where()).read_text().split("-----END CERTIFICATE-----")[0] + END)
+        with temporary_settings({PREFECT_API_SSL_CERT_FILE: str(one_ca)}):
+            with prefect_api.api_client():
+                pass
+        assert len(built) == 2
+        assert len(built[1].get_ca_certs()) == 1  # the configured CA file, not the bundle
+
+
+def test_prefects_own_calls_in_a_flow_run_share_its_busy_retrying_client(serve):
+    server, _ = serve(busy=4)
+    host, port = server.server_address
+    api = {  # a bare HTTP server: no version or CSRF-token endpoints
+        PREFECT_API_URL: f"http://{host}:{port}/api",
+        PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED: False,
+        PREFECT_CLIENT_CSRF_SUPPORT_ENABLED: False,
+    }
+    with temporary_settings(api), prefect_api.flow_run_client_context() as context:
+        client = get_client(sync_client=True)  # as Prefect's task engine, artifacts and results ask
+        assert client is context.client
+        client.release_concurrency_slots_with_lease(uuid4())  # 503 four times, then 200
+    assert len(server.bodies) == 5
