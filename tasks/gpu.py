@@ -10,13 +10,14 @@ silently unlimited run.
 We talk to the lease API directly rather than through `concurrency()`:
 taking "any one free GPU of N" needs a non-blocking try per GPU, and
 `concurrency(max_retries=0)` logs every busy GPU as an error. Waiting is
-fair and cheap: within a process, beams queue in arrival order and only the
-head of the queue asks the server, instead of every waiter sleeping on
+fair and cheap: within a process, beams queue in arrival order and one
+thread asks the server for all of them, instead of every waiter sleeping on
 Retry-After; it asks again as soon as any GPU of the host is released
-(tasks/gpu_wakeup.py). A beam that ends while another beam of the same
-process waits hands its lease straight to it: the slot stays taken on the
-server (still one engine per GPU), and the next engine starts without a
-round trip to a server that, under load, can take seconds to grant a slot.
+(tasks/gpu_wakeup.py), and takes every free GPU one read shows. A beam that
+ends while another beam of the same process waits hands its lease straight
+to it, even while that thread waits for the server: the slot stays taken on
+the server (still one engine per GPU), and the next engine starts without a
+round trip to a server that, under load, can take a second or more to answer.
 All lease calls go through a client that retries a busy SQLite server at
 once (tasks/prefect_api.py). Each lease and release is also sent as an event
 (`mqi.gpu.leased` / `mqi.gpu.released`, resource `mqi.gpu.<host>.<index>`)
@@ -30,6 +31,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from uuid import UUID
@@ -42,6 +44,7 @@ from prefect.events import emit_event
 from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_logger
+from prefect.settings import PREFECT_API_URL
 
 from config.settings import Settings
 from tasks.gpu_wakeup import RELEASED, gpu_resource, release_signal
@@ -203,70 +206,6 @@ class _Lease:
         release_signal(self.host).released()  # this process's waiters: no need to wait for the event
 
 
-class _Queue:
-    """Arrival order for the beams of this process waiting for any GPU of one host.
-
-    It also carries leases handed over by beams that ended while others waited;
-    the head of the queue takes them before asking the server.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._tickets: deque[object] = deque()
-        self._handed: deque[_Lease] = deque()
-
-    @contextmanager
-    def turn(self) -> Iterator[None]:
-        ticket = object()
-        with self._cond:
-            self._tickets.append(ticket)
-            self._cond.wait_for(lambda: self._tickets[0] is ticket)
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._tickets.popleft()
-                orphans: list[_Lease] = []
-                if not self._tickets:
-                    orphans, self._handed = list(self._handed), deque()
-                self._cond.notify_all()
-            if orphans:  # the last waiter failed (server error): give the handed GPUs back
-                with api_client() as client:
-                    for lease in orphans:
-                        lease.give_back(client)
-
-    def hand_over(self, lease: _Lease, farewell: Callable[[], None]) -> bool:
-        """Give `lease` to the beam at the head of the queue; False if no beam waits.
-
-        `farewell` (the old holder's release event) runs first, so that it always
-        precedes the new holder's lease event.
-        """
-        with self._cond:
-            if not self._tickets:
-                return False
-            farewell()
-            self._handed.append(lease)
-        release_signal(lease.host).released()  # wakes the head, waiting for a release
-        return True
-
-    def take_handed(self, candidates: Sequence[int]) -> _Lease | None:
-        with self._cond:
-            for lease in self._handed:
-                if lease.index in candidates:
-                    self._handed.remove(lease)
-                    return lease
-            return None
-
-
-_queues: dict[str, _Queue] = {}
-_queues_lock = threading.Lock()
-
-
-def _queue(host: str) -> _Queue:
-    with _queues_lock:
-        return _queues.setdefault(host, _Queue())
-
-
 SkipReason = Callable[[int], str | None]
 
 
@@ -288,37 +227,166 @@ def _free_gpus(client: SyncPrefectClient, settings: Settings, candidates: Sequen
     return [index for name, index in wanted.items() if limits[name].active and limits[name].active_slots == 0]
 
 
+def _take_free(
+    client: SyncPrefectClient,
+    settings: Settings,
+    holder: ConcurrencyLeaseHolder | None,
+    candidates: Sequence[int],
+    skip: SkipReason | None,
+    told: dict[int, str],
+) -> Iterator[_Lease]:
+    """Take, one by one, the candidates that one read shows free and not in use outside our control."""
+    host = settings.backend.host
+    for index in _free_gpus(client, settings, candidates):
+        reason = skip(index) if skip is not None else None
+        if reason is not None:
+            if told.get(index) != reason:
+                logger.info("passing over GPU %s on %s: %s", index, host, reason)
+                told[index] = reason
+            continue
+        lease_id = _try_acquire(client, settings.gpu_limit_name(index), settings, holder)
+        if lease_id is not None:  # None: another process took it between our read and our write
+            yield _Lease(settings, lease_id, index)
+
+
 def _acquire(
     client: SyncPrefectClient,
     settings: Settings,
     holder: ConcurrencyLeaseHolder | None,
     candidates: Sequence[int],
     skip: SkipReason | None,
-    queue: _Queue | None,
 ) -> _Lease:
-    """Ask until one of `candidates` is free (and not in use outside our control); take it.
-
-    A lease handed over in `queue` is taken first: it is a GPU our own engine just left.
-    """
-    host = settings.backend.host
-    released = release_signal(host)
+    """Ask until one of `candidates` is free (an adopted job's own GPU); take it."""
+    released = release_signal(settings.backend.host)
     told: dict[int, str] = {}
     while True:
         seen = released.count()  # before reading: a release from now on ends the wait below
-        handed = queue.take_handed(candidates) if queue is not None else None
-        if handed is not None:
-            return handed
-        for index in _free_gpus(client, settings, candidates):
-            reason = skip(index) if skip is not None else None
-            if reason is not None:
-                if told.get(index) != reason:
-                    logger.info("passing over GPU %s on %s: %s", index, host, reason)
-                    told[index] = reason
-                continue
-            lease_id = _try_acquire(client, settings.gpu_limit_name(index), settings, holder)
-            if lease_id is not None:  # None: another process took it between our read and our write
-                return _Lease(settings, lease_id, index)
+        for lease in _take_free(client, settings, holder, candidates, skip, told):
+            return lease
         released.wait(seen)
+
+
+def _give_back_unused(lease: _Lease) -> None:
+    """A lease nobody here wants any more: free it, and tell other processes' waiters."""
+    with api_client() as client:
+        lease.give_back(client)
+    lease.announce(RELEASED, None)
+
+
+@dataclass
+class _Waiter:
+    settings: Settings
+    holder: ConcurrencyLeaseHolder | None
+    skip: SkipReason | None
+    lease: _Lease | None = None
+    error: BaseException | None = None
+
+
+class _Broker:
+    """The beams of this process waiting for any GPU of one host, and the one thread asking for them.
+
+    Waiters get GPUs in arrival order. The asking thread reads the server and takes
+    every free GPU it can, one per waiter; a beam that ends hands its lease to the
+    first waiter at once, even while the asking thread waits for a busy server.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._waiting: deque[_Waiter] = deque()
+        self._asking = False
+
+    def lease(
+        self, settings: Settings, holder: ConcurrencyLeaseHolder | None, skip: SkipReason | None
+    ) -> _Lease:
+        """Wait for a GPU of the host: handed over by a beam of this process, or taken from the server."""
+        waiter = _Waiter(settings, holder, skip)
+        try:
+            with self._cond:
+                self._waiting.append(waiter)
+                if not self._asking:
+                    self._asking = True
+                    threading.Thread(  # with our context: the same Prefect settings and server
+                        target=contextvars.copy_context().run,
+                        args=(self._ask,),
+                        name=f"mqi-gpu-asker-{settings.backend.host}",
+                        daemon=True,
+                    ).start()
+                self._cond.wait_for(lambda: waiter.lease is not None or waiter.error is not None)
+        except BaseException:  # interrupted while waiting: leave the queue, give back what came
+            with self._cond:
+                if waiter in self._waiting:
+                    self._waiting.remove(waiter)
+            if waiter.lease is not None:
+                _give_back_unused(waiter.lease)
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.lease is not None
+        return waiter.lease
+
+    def hand_over(self, lease: _Lease, farewell: Callable[[], None] | None = None) -> bool:
+        """Give `lease` to the first waiter; False if none waits.
+
+        `farewell` (the old holder's release event) runs first, so that it always
+        precedes the new holder's lease event.
+        """
+        with self._cond:
+            if not self._waiting:
+                return False
+            if farewell is not None:
+                farewell()
+            self._waiting.popleft().lease = lease
+            self._cond.notify_all()
+        return True
+
+    def _ask(self) -> None:
+        try:
+            with api_client() as client:
+                self._ask_while_waited_for(client)
+        except BaseException as error:  # no client at all: every waiter hears why
+            with self._cond:
+                for waiter in self._waiting:
+                    waiter.error = error
+                self._waiting.clear()
+                self._asking = False
+                self._cond.notify_all()
+
+    def _ask_while_waited_for(self, client: SyncPrefectClient) -> None:
+        told: dict[int, str] = {}
+        while True:
+            with self._cond:
+                if not self._waiting:
+                    self._asking = False
+                    return
+                head = self._waiting[0]
+            released = release_signal(head.settings.backend.host)
+            seen = released.count()  # before reading: a release from now on ends the wait below
+            try:
+                gpus = head.settings.backend.gpus
+                for lease in _take_free(client, head.settings, head.holder, gpus, head.skip, told):
+                    if not self.hand_over(lease):  # the waiters got GPUs from their own beams
+                        _give_back_unused(lease)
+                    with self._cond:
+                        if not self._waiting:  # take no more than are waited for
+                            break
+            except Exception as error:  # the first waiter fails with it; the others ask again
+                with self._cond:
+                    if head in self._waiting:
+                        self._waiting.remove(head)
+                        head.error = error
+                        self._cond.notify_all()
+                continue
+            released.wait(seen)
+
+
+_brokers: dict[tuple[str, str], _Broker] = {}
+_brokers_lock = threading.Lock()
+
+
+def _broker(host: str) -> _Broker:
+    """This process's broker for `host` on the current Prefect server."""
+    with _brokers_lock:
+        return _brokers.setdefault((str(PREFECT_API_URL.value()), host), _Broker())
 
 
 @contextmanager
@@ -335,18 +403,18 @@ def gpu_lease(
     `skip(index)` returns why a GPU must be passed over (e.g. nvidia-smi shows
     a foreign process); `who` (case_id, beam) is published with the lease.
     """
-    queue = _queue(settings.backend.host)
-    with api_client() as client:
-        if only is None:
-            with queue.turn():
-                lease = _acquire(client, settings, holder, settings.backend.gpus, skip, queue)
-        else:
-            lease = _acquire(client, settings, holder, only, skip, None)
-        lease.announce(LEASED, who)
-        try:
-            yield lease.index
-        finally:
-            farewell = partial(lease.announce, RELEASED, who)
-            if not queue.hand_over(lease, farewell):
+    broker = _broker(settings.backend.host)
+    if only is None:
+        lease = broker.lease(settings, holder, skip)
+    else:
+        with api_client() as client:
+            lease = _acquire(client, settings, holder, only, skip)
+    lease.announce(LEASED, who)
+    try:
+        yield lease.index
+    finally:
+        farewell = partial(lease.announce, RELEASED, who)
+        if not broker.hand_over(lease, farewell):
+            with api_client() as client:
                 lease.give_back(client)
-                farewell()  # after the slot is free: other processes' waiters ask on this event
+            farewell()  # after the slot is free: other processes' waiters ask on this event

@@ -18,6 +18,7 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFi
 
 from config import load_settings
 from standins.sample_case import write_sample_case
+from tasks import gpu as gpu_module
 from tasks import gpu_wakeup
 from tasks.gpu import GpuLimitMissing, ensure_gpu_limits, gpu_lease, gpu_status
 from tasks.moqui_input import read_tps
@@ -292,3 +293,103 @@ def test_gpu_monitor_publishes_the_gpu_table(use_server, tmp_path):
     with get_client(sync_client=True) as client:
         artifacts = client.read_latest_artifacts(limit=200)
     assert any(a.key == "gpus-monitor" and a.type == "table" for a in artifacts)
+
+
+def waiting_beams(settings) -> int:
+    """How many beams of this process wait for a GPU of the configured host."""
+    broker = gpu_module._broker(settings.backend.host)
+    with broker._cond:
+        return len(broker._waiting)
+
+
+def in_thread(target) -> threading.Thread:
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(target,))
+    thread.start()
+    return thread
+
+
+def test_waiting_beams_of_a_process_get_the_gpu_in_arrival_order(use_server, tmp_path):
+    settings = load_settings(write_config(tmp_path, {"backend": {"host": "order", "gpus": [0]}}), env={})
+    ensure_gpu_limits(settings)
+    order: list[str] = []
+
+    def beam(name: str) -> None:
+        with gpu_lease(settings, who={"case_id": "C", "beam": name}):
+            order.append(name)
+
+    with gpu_lease(settings, who={"case_id": "C", "beam": "first"}):
+        waiters = []
+        for k, name in enumerate(["a", "b", "c"], start=1):
+            waiters.append(in_thread(lambda name=name: beam(name)))
+            wait_for(f"beam {name} to queue", lambda k=k: waiting_beams(settings) == k)
+    for waiter in waiters:
+        waiter.join(timeout=60)
+    assert order == ["a", "b", "c"]
+    assert not leased(settings, 0)
+
+
+def test_a_gpu_is_handed_over_while_the_server_is_slow_to_answer(use_server, tmp_path, monkeypatch):
+    """Under load a read of the limits took 1.5 s; the beam that ends must not wait for it."""
+    settings = load_settings(write_config(tmp_path, {"backend": {"host": "slow", "gpus": [0]}}), env={})
+    ensure_gpu_limits(settings)
+    slow, in_read, answer = threading.Event(), threading.Event(), threading.Event()
+    free_gpus = gpu_module._free_gpus
+
+    def slow_read(*args) -> list[int]:
+        if slow.is_set() and not in_read.is_set():
+            in_read.set()
+            assert answer.wait(timeout=60)
+        return free_gpus(*args)
+
+    monkeypatch.setattr(gpu_module, "_free_gpus", slow_read)
+    got = threading.Event()
+
+    def second() -> None:
+        with gpu_lease(settings, who={"case_id": "C", "beam": "2"}):
+            got.set()
+
+    with gpu_lease(settings, who={"case_id": "C", "beam": "1"}):
+        slow.set()
+        waiter = in_thread(second)
+        assert in_read.wait(timeout=60)  # the server is asked for beam 2 and has not answered
+    try:
+        assert got.wait(timeout=30), "beam 2 waited for the server although beam 1 handed its GPU over"
+    finally:
+        answer.set()
+        waiter.join(timeout=60)
+    assert not leased(settings, 0)
+
+
+def test_one_read_serves_every_waiting_beam_and_takes_no_more(use_server, tmp_path, monkeypatch):
+    config = write_config(tmp_path, {"backend": {"host": "batch", "gpus": [0, 1, 2]}})
+    settings = load_settings(config, env={})
+    ensure_gpu_limits(settings)
+    reads, increments = [], []
+    queued = threading.Event()
+    free_gpus, try_acquire = gpu_module._free_gpus, gpu_module._try_acquire
+
+    def counted_read(*args) -> list[int]:
+        assert queued.wait(timeout=60)  # answer once both beams wait
+        reads.append(1)
+        return free_gpus(*args)
+
+    monkeypatch.setattr(gpu_module, "_free_gpus", counted_read)
+    counted_increment = lambda *args: increments.append(args[1]) or try_acquire(*args)  # noqa: E731
+    monkeypatch.setattr(gpu_module, "_try_acquire", counted_increment)
+    got: list[int] = []
+    both_hold = threading.Barrier(3)
+
+    def beam() -> None:
+        with gpu_lease(settings) as index:
+            got.append(index)
+            both_hold.wait(timeout=60)
+
+    waiters = [in_thread(beam), in_thread(beam)]
+    wait_for("both beams to queue", lambda: waiting_beams(settings) == 2)
+    queued.set()
+    both_hold.wait(timeout=60)
+    assert sorted(got) == [0, 1] and len(reads) == 1
+    assert increments == ["gpu-batch-0", "gpu-batch-1"]  # GPU 2 was free but nobody waited for it
+    for waiter in waiters:
+        waiter.join(timeout=60)
+    assert not any(leased(settings, index) for index in (0, 1, 2))
