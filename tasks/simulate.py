@@ -3,7 +3,8 @@
 Adopt, don't resubmit: the beam's job folder (tasks/backends) is looked up
 first. A running job is adopted (under the lease of the GPU it runs on), a
 finished one is collected, only a missing or failed one is launched. The
-GPU lease covers launch to engine exit and is released before the download.
+GPU lease covers launch to engine exit: it is released as soon as the engine has
+exited, before the job's wrapper hashes the output and long before the download.
 Whether a run worked is decided in one place (tasks/engine.py: exit code,
 log markers, dose size); a result judged bad is marked rejected in its job
 folder, so the next attempt launches again. Transient faults (crash, hang,
@@ -14,6 +15,7 @@ Progress from the engine's log shows in the UI as a progress artifact.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 from prefect import task
@@ -103,8 +105,11 @@ def _run_job(
                 f"({job.dir}), which is not in backend.gpus; wait for it or stop it (pid {job.pid})"
             )
         say(f"{label}: adopting the job running on GPU {job.gpu} of {job.host} (pid {job.pid}, {job.dir})")
-        with gpu_lease(settings, holder, only=[job.gpu], who=who):
-            return follow(backend, job, backend.engine_argv(beam, job.gpu), log_path, on_line, say)
+        with ExitStack() as lease:
+            if not job.engine_ended:  # its engine still runs on that GPU
+                lease.enter_context(gpu_lease(settings, holder, only=[job.gpu], who=who))
+            argv = backend.engine_argv(beam, job.gpu)
+            return follow(backend, job, argv, log_path, on_line, say, engine_ended=lease.close)
     if job.state is JobState.FINISHED_OK:
         say(f"{label}: collecting the job that finished on GPU {job.gpu} of {job.host} ({job.dir})")
         return follow(backend, job, backend.engine_argv(beam, job.gpu), log_path, on_line, say)
@@ -112,11 +117,13 @@ def _run_job(
         why = job.problem or f"exit {job.exit_code}"
         say(f"{label}: the earlier job in {job.dir} failed ({why}); launching it again")
     backend.stage(beam)
-    with gpu_lease(settings, holder, skip=busy_gpus(settings, backend), who=who) as gpu:
+    with ExitStack() as lease:
+        gpu = lease.enter_context(gpu_lease(settings, holder, skip=busy_gpus(settings, backend), who=who))
         with_gpu(Path(beam.tps_path), gpu)
         job = backend.launch(beam, gpu)
         say(f"{label}: launched on GPU {gpu} of {job.host} (pid {job.pid}, {job.dir})")
-        return follow(backend, job, backend.engine_argv(beam, gpu), log_path, on_line, say)
+        argv = backend.engine_argv(beam, gpu)
+        return follow(backend, job, argv, log_path, on_line, say, engine_ended=lease.close)
 
 
 def simulate_beam(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -140,14 +141,26 @@ def test_engine_logs_of_a_later_run_do_not_overwrite_earlier_ones(tmp_path):
     ]
 
 
-def test_a_waiting_probe_answers_when_the_job_ends(backend, tmp_path, monkeypatch):
-    """follow() hears of an engine's end at once, not at its next poll: the probe watches the job."""
+@pytest.mark.parametrize(
+    ("before", "then", "state", "engine_ended"),
+    [
+        ([], "exit.json", JobState.FINISHED_OK, False),  # the job ends
+        ([], "engine.ended", JobState.RUNNING, True),  # the engine exits: its GPU is free
+        (["engine.ended"], "exit.json", JobState.FINISHED_OK, False),  # then it waits for the job's end
+    ],
+)
+def test_a_waiting_probe_answers_at_the_jobs_next_step(
+    backend, tmp_path, monkeypatch, before, then, state, engine_ended
+):
+    """follow() hears of an engine's exit and a job's end at once, not at its next poll."""
     job_dir = tmp_path / "job"
     job_dir.mkdir()
     wrapper = subprocess.Popen(["sleep", "600"])  # stands for the job's wrapper while it runs
     (job_dir / "pid").write_text(f"{wrapper.pid} {Path('/proc/sys/kernel/random/boot_id').read_text()}")
     record = {"host": "here", "pid": wrapper.pid, "gpu": 0, "timeout": 120, "started": 1.0}
     (job_dir / "job.json").write_text(json.dumps(record) + "\n")
+    for name in before:
+        (job_dir / name).touch()
     fake_bin, watching = tmp_path / "bin", tmp_path / "watching"
     fake_bin.mkdir()
     (fake_bin / "sleep").write_text(f'#!/bin/sh\ntouch {watching}\nexec /bin/sleep "$@"\n')
@@ -155,14 +168,38 @@ def test_a_waiting_probe_answers_when_the_job_ends(backend, tmp_path, monkeypatc
     monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
     try:
         with ThreadPoolExecutor(1) as pool:
-            probe = pool.submit(backend.probe, Job(str(job_dir), JobState.MISSING), None, 600.0)
+            probe = pool.submit(backend.probe, Job(str(job_dir), JobState.MISSING), None, 60.0)
             wait_for("the probe to watch the running job", watching.exists, timeout=30)
-            (job_dir / "exit.json").write_text('{"exit": 0, "ended": 2.0}\n')  # as the wrapper ends
+            (job_dir / then).write_text('{"exit": 0, "ended": 2.0}\n' if then == "exit.json" else "")
             job, _ = probe.result(timeout=30)
     finally:
         wrapper.kill()
         wrapper.wait()
-    assert job.state is JobState.FINISHED_OK and job.exit_code == 0
+    assert job.state is state and job.engine_ended is engine_ended
+
+
+def test_the_gpu_is_free_when_the_engine_exits_before_the_job_ends(backend, settings, tmp_path, monkeypatch):
+    """The wrapper hashes the output after the engine (seconds for a large dose): no GPU idles meanwhile."""
+    fake_bin, go = tmp_path / "bin", tmp_path / "go"
+    fake_bin.mkdir()
+    (fake_bin / "date").write_text(  # the wrapper's last step (exit.json) waits for the test's go
+        f"#!/bin/sh\n[ -f engine.ended ] && i=0 && while [ ! -f {go} ] && [ $i -lt 600 ]; "
+        f'do sleep 0.05; i=$((i + 1)); done\nexec {shutil.which("date")} "$@"\n'
+    )
+    (fake_bin / "date").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    [beam] = prepare_beams(settings, "LOCAL-FREE")
+    job = launch(backend, beam)
+    seen: list[Job] = []
+
+    def engine_ended() -> None:
+        seen.append(backend.lookup(beam))
+        go.touch()
+
+    argv = backend.engine_argv(beam, 0)
+    followed = follow(backend, job, argv, tmp_path / "free.log", engine_ended=engine_ended)
+    assert [(j.state, j.engine_ended) for j in seen] == [(JobState.RUNNING, True)]  # once; job not over
+    assert followed.job.state is JobState.FINISHED_OK and followed.job.exit_code == 0
 
 
 @pytest.mark.parametrize("poll", [0.001, 0.2, 3.0])

@@ -3,8 +3,9 @@
 A beam's engine runs as a *job* in a deterministic job folder (SSH:
 `<remote root>/<case id>/beam-NN/<input hash>/`). The small POSIX-sh wrapper
 `mqi-job.sh`, started detached (setsid, stdin from /dev/null), writes the
-record there: `job.json` (host, pid, GPU, start time), `engine.log`, the
-sha256 of every output and, last, `exit.json`. Before launching, a beam
+record there: `job.json` (host, pid, GPU, start time), `engine.log`,
+`engine.ended` (the engine has exited, its GPU is free), the sha256 of every
+output and, last, `exit.json`. Before launching, a beam
 looks the record up: a running job is adopted, a finished one fetched, only
 a missing or failed one is launched. So a killed worker, a restarted server
 or a rerun never starts a second copy of a job that is still on a GPU
@@ -41,7 +42,8 @@ PROBE_STEP_SECONDS = 0.05  # a waiting probe looks for the job's end this often
 PROBE_TIMEOUT_SECONDS = 30.0  # a waiting probe may take this long beyond its wait
 # Exit codes of the launch command (the engine's own codes never reach it).
 EXIT_NO_JOB_DIR, EXIT_NO_ENGINE_DIR, EXIT_NO_ENGINE, EXIT_NOT_STARTED = 90, 91, 92, 93
-RECORD_FILES = "job.json exit.json rejected collected pid sha256 engine.log"  # one attempt's record
+# One attempt's record, removed before the next launch.
+RECORD_FILES = "job.json engine.ended exit.json rejected collected pid sha256 engine.log"
 TIMEOUT_EXITS = (124, 137)  # timeout(1): the engine ended on SIGTERM / needed SIGKILL
 
 
@@ -93,6 +95,7 @@ class Job:
     exit_code: int | None = None
     ended: float | None = None
     problem: str | None = None  # why it failed without an exit code: lost, or rejected and why
+    engine_ended: bool = False  # RUNNING only: the engine has exited, the wrapper hashes its output
 
     @property
     def timed_out(self) -> bool:
@@ -146,15 +149,18 @@ def launch_script(job_dir: str, gpu: int, timeout: float, spec: LaunchSpec) -> s
 def probe_script(job_dir: str, log_offset: int | None, wait: float = 0.0) -> str:
     """Print the job record (or `missing`), then its state line, then the log from `log_offset`.
 
-    The state line is `running`, `lost`, `collected`, `rejected <why>` or exit.json. Alive means: the
-    wrapper's pid exists, is no zombie, and the host has not rebooted since it started. With `wait`,
-    a running job is first watched for up to that many seconds and the probe answers within
-    PROBE_STEP_SECONDS of its end: the next beam's engine starts that much sooner than a poll allows.
+    The state line is `running`, `finishing` (the engine has exited, the wrapper is still at work),
+    `lost`, `collected`, `rejected <why>` or exit.json. Alive means: the wrapper's pid exists, is no
+    zombie, and the host has not rebooted since it started. With `wait`, a running job is first
+    watched for up to that many seconds and the probe answers within PROBE_STEP_SECONDS of its next
+    step (the engine's exit, then the job's end): the GPU is free for the next beam that much sooner
+    than a poll allows.
     """
     log = "" if log_offset is None else f"; tail -c +{log_offset + 1} engine.log 2>/dev/null || true"
     steps = max(1, round(wait / PROBE_STEP_SECONDS)) if wait > 0 else 0  # never a probe loop without a pause
     watch = (
-        f"[ -f pid ] && read -r p _ < pid && i=0 && while [ $i -lt {steps} ] && [ ! -f exit.json ] "
+        "[ -f pid ] && read -r p _ < pid && { [ -f engine.ended ] && next=exit.json || next=engine.ended; } "
+        f"&& i=0 && while [ $i -lt {steps} ] && [ ! -f exit.json ] && [ ! -f $next ] "
         f"&& [ -e /proc/$p ]; do sleep {PROBE_STEP_SECONDS:g}; i=$((i + 1)); done; "
         if steps
         else ""
@@ -167,7 +173,7 @@ def probe_script(job_dir: str, log_offset: int | None, wait: float = 0.0) -> str
         '&& [ "$s" != Z ] && [ "$b" = "$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)" ]; }; '
         "if [ -f collected ]; then echo collected; "
         "elif [ -f rejected ]; then printf 'rejected %s\\n' \"$(head -n 1 rejected)\"; "
-        "elif [ ! -f exit.json ] && alive; then echo running; "
+        "elif [ ! -f exit.json ] && alive; then [ -f engine.ended ] && echo finishing || echo running; "
         "elif [ -f exit.json ]; then head -n 1 exit.json; else echo lost; fi" + log
     )
 
@@ -198,6 +204,8 @@ def parse_probe(job_dir: str, output: bytes) -> tuple[Job, bytes]:
     text = status.decode("utf-8", "replace").strip()
     if text == "running":
         return job, log
+    if text == "finishing":
+        return replace(job, engine_ended=True), log
     if text == "collected":  # a later run of the same inputs is a new job (e.g. a forced rerun)
         return replace(job, state=JobState.MISSING), log
     if text == "lost":
@@ -355,8 +363,13 @@ def follow(
     log_path: Path,
     on_line: Callable[[str], None] | None = None,
     notify: Callable[[str], None] | None = None,
+    engine_ended: Callable[[], None] | None = None,
 ) -> Followed:
-    """Mirror the job's log into `log_path` (lines to `on_line`) until the job is over."""
+    """Mirror the job's log into `log_path` (lines to `on_line`) until the job is over.
+
+    `engine_ended` is called once, as soon as the engine has exited (its GPU is free), which
+    for a large dose is seconds before the wrapper has hashed it and the job is over.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     run = ToolRun(argv=argv, log_path=log_path, started=job.started or time.time())
     lines: list[str] = []
@@ -378,6 +391,9 @@ def follow(
                 mirror.flush()
                 offset += len(data)
                 consume()
+                if engine_ended is not None and (job.engine_ended or job.state is not JobState.RUNNING):
+                    engine_ended()
+                    engine_ended = None
                 if job.state is not JobState.RUNNING:
                     break
         finally:

@@ -8,6 +8,7 @@
 #   pid          "<pid> <boot id>" of this script: is the job still alive?
 #   job.json     host, pid, GPU, timeout, start time (written at once, before the engine runs)
 #   engine.log   the engine's stdout and stderr
+#   engine.ended empty, written when the engine has exited: its GPU is free (the lease is released)
 #   sha256/NAME  "<sha256> <size>" of each file in OUTPUT_DIR (if one is given), for the download
 #   exit.json    the exit code and end time, written last: the job is over when it exists
 # The engine runs in ENGINE_DIR (it resolves relative paths from its cwd), under `timeout` (its
@@ -33,6 +34,7 @@ else
   code=75
 fi
 exec 9>&-
+: > engine.ended
 
 if [ -n "$out_dir" ]; then
   mkdir -p sha256
