@@ -27,6 +27,7 @@ so `mqi gpus` and the GPU monitor can say who holds a GPU and since when.
 from __future__ import annotations
 
 import contextvars
+import random
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -235,9 +236,16 @@ def _take_free(
     skip: SkipReason | None,
     told: dict[int, str],
 ) -> Iterator[_Lease]:
-    """Take, one by one, the candidates that one read shows free and not in use outside our control."""
+    """Take, one by one, the candidates that one read shows free and not in use outside our control.
+
+    In random order: processes woken by the same releases then mostly try different GPUs,
+    instead of all losing the race for the first one (each lost try is a write on the
+    server's busy database, and the loser's waiting beam waits on).
+    """
     host = settings.backend.host
-    for index in _free_gpus(client, settings, candidates):
+    free = _free_gpus(client, settings, candidates)
+    random.shuffle(free)
+    for index in free:
         reason = skip(index) if skip is not None else None
         if reason is not None:
             if told.get(index) != reason:

@@ -134,9 +134,7 @@ def test_gpu_in_use_by_others_is_passed_over(use_server, tmp_path):
         return None
 
     got: list[int] = []
-    with gpu_lease(settings) as first:  # GPU 0 looks free to Prefect, GPU 1 we hold here
-        assert first == 0
-    with gpu_lease(settings, only=[1]):
+    with gpu_lease(settings, only=[1]):  # GPU 0 looks free to Prefect, GPU 1 we hold here
         wait_for_gpu = lambda: got.append(gpu_lease(settings, skip=skip).__enter__())  # noqa: E731
         waiter = threading.Thread(target=contextvars.copy_context().run, args=(wait_for_gpu,))
         waiter.start()
@@ -281,15 +279,16 @@ def test_gpu_monitor_publishes_the_gpu_table(use_server, tmp_path):
     ensure_gpu_limits(load_settings(config, env={}))
     holder = start_holder(use_server, config, "2 (1G000:TX)")  # another process, as in production
     try:
-        assert holder.stdout.readline().strip() == "holding 0"
+        held = int(holder.stdout.readline().strip().removeprefix("holding "))
         rows = wait_for(
             "the holder in the GPU table",
-            lambda: (table := gpu_monitor(str(config)))[0]["case"] == "HOLDER" and table,
+            lambda: (table := gpu_monitor(str(config)))[held]["case"] == "HOLDER" and table,
         )
     finally:
         holder.kill()
-    assert [(row["gpu"], row["state"]) for row in rows] == [(0, "leased"), (1, "free")]
-    assert rows[0]["beam"] == "2 (1G000:TX)" and rows[0]["since"]
+    states = {row["gpu"]: row["state"] for row in rows}
+    assert states == {held: "leased", 1 - held: "free"}
+    assert rows[held]["beam"] == "2 (1G000:TX)" and rows[held]["since"]
     with get_client(sync_client=True) as client:
         artifacts = client.read_latest_artifacts(limit=200)
     assert any(a.key == "gpus-monitor" and a.type == "table" for a in artifacts)
@@ -388,8 +387,8 @@ def test_one_read_serves_every_waiting_beam_and_takes_no_more(use_server, tmp_pa
     wait_for("both beams to queue", lambda: waiting_beams(settings) == 2)
     queued.set()
     both_hold.wait(timeout=60)
-    assert sorted(got) == [0, 1] and len(reads) == 1
-    assert increments == ["gpu-batch-0", "gpu-batch-1"]  # GPU 2 was free but nobody waited for it
+    assert len(set(got)) == 2 and len(reads) == 1
+    assert sorted(increments) == sorted(f"gpu-batch-{index}" for index in got)  # no third GPU taken
     for waiter in waiters:
         waiter.join(timeout=60)
     assert not any(leased(settings, index) for index in (0, 1, 2))
