@@ -48,7 +48,7 @@ from prefect.logging import get_logger
 from prefect.settings import PREFECT_API_URL
 
 from config.settings import Settings
-from tasks.gpu_wakeup import RELEASED, gpu_resource, release_signal
+from tasks.gpu_wakeup import HANDED_OVER, RELEASED, gpu_resource, release_signal
 from tasks.prefect_api import api_client
 
 logger = get_logger("mqi.gpu")
@@ -194,7 +194,7 @@ class _Lease:
         )
         self._renewer.start()
 
-    def announce(self, event: str, who: Mapping[str, str] | None) -> None:
+    def announce(self, event: str, who: Mapping[str, object] | None) -> None:
         emit_event(event, resource=self.resource, payload={**(who or {}), "lease_id": str(self.lease_id)})
 
     def give_back(self, client: SyncPrefectClient) -> None:
@@ -421,8 +421,8 @@ def gpu_lease(
     try:
         yield lease.index
     finally:
-        farewell = partial(lease.announce, RELEASED, who)
+        farewell = partial(lease.announce, RELEASED, {**(who or {}), HANDED_OVER: True})
         if not broker.hand_over(lease, farewell):
             with api_client() as client:
                 lease.give_back(client)
-            farewell()  # after the slot is free: other processes' waiters ask on this event
+            lease.announce(RELEASED, who)  # after the slot is free: other processes' waiters ask on it

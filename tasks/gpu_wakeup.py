@@ -7,8 +7,10 @@ release is an event (`mqi.gpu.released`) and each process follows those
 events on the server's event stream: its waiters ask again as soon as a GPU
 of their host is released (by this process: at once; by another: when the
 event arrives) and otherwise only every `FALLBACK_SECONDS`, which covers
-leases that expired because their holder died. The server still decides who
-gets a GPU; the events only say when asking is worthwhile.
+leases that expired because their holder died. A release whose slot went
+straight to another beam of its process says so (`handed_over`) and wakes
+nobody. The server still decides who gets a GPU; the events only say when
+asking is worthwhile.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from prefect.settings import PREFECT_API_URL
 logger = get_logger("mqi.gpu")
 
 RELEASED = "mqi.gpu.released"
+HANDED_OVER = "handed_over"  # in a release event's payload: the slot went to another beam at once
 POLL_SECONDS = 0.1  # how often to ask while the event stream is not (yet) followed
 FALLBACK_SECONDS = 2.0  # how often to ask anyway while it is
 RECONNECT_SECONDS = 2.0
@@ -94,8 +97,9 @@ class ReleaseSignal:
             try:
                 async with get_events_subscriber(filter=released, reconnection_attempts=0) as events:
                     self._set_following(True)
-                    async for _ in events:
-                        self.released()
+                    async for event in events:
+                        if not event.payload.get(HANDED_OVER):  # else the slot is still taken
+                            self.released()
             except Exception as error:  # the server is down or restarting: poll meanwhile
                 logger.debug("GPU release events of %s not followed: %s", self._host, error)
             since = datetime.now(UTC)

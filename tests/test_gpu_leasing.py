@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.events import emit_event
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
 from config import load_settings
@@ -392,3 +393,16 @@ def test_one_read_serves_every_waiting_beam_and_takes_no_more(use_server, tmp_pa
     for waiter in waiters:
         waiter.join(timeout=60)
     assert not any(leased(settings, index) for index in (0, 1, 2))
+
+
+def test_a_handed_over_gpu_wakes_no_other_process(use_server):
+    """Its slot stays taken: waking every other process to read the limits would only load the server."""
+    signal = gpu_wakeup.release_signal("quiet")
+    signal.follow()
+    assert wait_for("the release events to be followed", lambda: signal.following)
+    seen = signal.count()
+    resource = {"prefect.resource.id": gpu_wakeup.gpu_resource("quiet", 0)}
+    emit_event(gpu_wakeup.RELEASED, resource=resource, payload={gpu_wakeup.HANDED_OVER: True})
+    emit_event(gpu_wakeup.RELEASED, resource=resource, payload={"case_id": "C"})  # sent after it
+    wait_for("the plain release to wake the waiters", lambda: signal.count() > seen)
+    assert signal.count() == seen + 1
