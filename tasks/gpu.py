@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextvars
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -54,6 +55,7 @@ from tasks.prefect_api import api_client
 logger = get_logger("mqi.gpu")
 
 LEASED = "mqi.gpu.leased"
+RELEASE_RETRY_SECONDS = 0.5  # first pause before releasing again while the server is unreachable
 
 
 def ensure_gpu_limits(settings: Settings) -> dict[str, list[str]]:
@@ -182,6 +184,7 @@ class _Lease:
 
     def __init__(self, settings: Settings, lease_id: UUID, index: int) -> None:
         self.lease_id, self.index, self.host = lease_id, index, settings.backend.host
+        self._duration = settings.backend.gpu_lease_seconds
         self.resource = {
             "prefect.resource.id": gpu_resource(self.host, index),
             "prefect.resource.name": settings.gpu_limit_name(index),
@@ -198,12 +201,27 @@ class _Lease:
         emit_event(event, resource=self.resource, payload={**(who or {}), "lease_id": str(self.lease_id)})
 
     def give_back(self, client: SyncPrefectClient) -> None:
+        """Release the slot; while the server is down, keep trying until the lease would expire.
+
+        A fresh Prefect client does not retry a refused connection, and a server restarted
+        mid-case would otherwise keep the slot taken for up to gpu_lease_seconds.
+        """
         self._stop.set()
         self._renewer.join()
-        try:
-            client.release_concurrency_slots_with_lease(self.lease_id)
-        except Exception as error:  # the lease still expires on its own
-            logger.warning("could not release GPU %s lease %s: %s", self.index, self.lease_id, error)
+        deadline, pause = time.monotonic() + self._duration, RELEASE_RETRY_SECONDS
+        while True:
+            try:
+                client.release_concurrency_slots_with_lease(self.lease_id)
+                break
+            except httpx.TransportError as error:  # server down or restarting
+                if time.monotonic() + pause >= deadline:
+                    logger.warning("could not release GPU %s lease %s: %s", self.index, self.lease_id, error)
+                    break
+                time.sleep(pause)  # a back-off between tries, not a wait for another thread
+                pause = min(2 * pause, 5.0)
+            except Exception as error:  # the lease still expires on its own
+                logger.warning("could not release GPU %s lease %s: %s", self.index, self.lease_id, error)
+                break
         release_signal(self.host).released()  # this process's waiters: no need to wait for the event
 
 
