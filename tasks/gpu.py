@@ -200,18 +200,20 @@ class _Lease:
     def announce(self, event: str, who: Mapping[str, object] | None) -> None:
         emit_event(event, resource=self.resource, payload={**(who or {}), "lease_id": str(self.lease_id)})
 
-    def give_back(self, client: SyncPrefectClient) -> None:
-        """Release the slot; while the server is down, keep trying until the lease would expire.
+    def give_back(self, who: Mapping[str, str] | None = None) -> None:
+        """Release the slot, then say so (other processes' waiters ask on that event).
 
-        A fresh Prefect client does not retry a refused connection, and a server restarted
-        mid-case would otherwise keep the slot taken for up to gpu_lease_seconds.
+        While the server is down, keep trying until the lease would expire: a fresh Prefect
+        client does not retry a refused connection, and a server restarted mid-case would
+        otherwise keep the slot taken for up to gpu_lease_seconds.
         """
         self._stop.set()
         self._renewer.join()
         deadline, pause = time.monotonic() + self._duration, RELEASE_RETRY_SECONDS
         while True:
             try:
-                client.release_concurrency_slots_with_lease(self.lease_id)
+                with api_client() as client:
+                    client.release_concurrency_slots_with_lease(self.lease_id)
                 break
             except httpx.TransportError as error:  # server down or restarting
                 if time.monotonic() + pause >= deadline:
@@ -223,6 +225,7 @@ class _Lease:
                 logger.warning("could not release GPU %s lease %s: %s", self.index, self.lease_id, error)
                 break
         release_signal(self.host).released()  # this process's waiters: no need to wait for the event
+        self.announce(RELEASED, who)
 
 
 SkipReason = Callable[[int], str | None]
@@ -292,13 +295,6 @@ def _acquire(
         released.wait(seen)
 
 
-def _give_back_unused(lease: _Lease) -> None:
-    """A lease nobody here wants any more: free it, and tell other processes' waiters."""
-    with api_client() as client:
-        lease.give_back(client)
-    lease.announce(RELEASED, None)
-
-
 @dataclass
 class _Waiter:
     settings: Settings
@@ -343,7 +339,7 @@ class _Broker:
                 if waiter in self._waiting:
                     self._waiting.remove(waiter)
             if waiter.lease is not None:
-                _give_back_unused(waiter.lease)
+                waiter.lease.give_back()
             raise
         if waiter.error is not None:
             raise waiter.error
@@ -391,7 +387,7 @@ class _Broker:
                 gpus = head.settings.backend.gpus
                 for lease in _take_free(client, head.settings, head.holder, gpus, head.skip, told):
                     if not self.hand_over(lease):  # the waiters got GPUs from their own beams
-                        _give_back_unused(lease)
+                        lease.give_back()
                     with self._cond:
                         if not self._waiting:  # take no more than are waited for
                             break
@@ -441,6 +437,4 @@ def gpu_lease(
     finally:
         farewell = partial(lease.announce, RELEASED, {**(who or {}), HANDED_OVER: True})
         if not broker.hand_over(lease, farewell):
-            with api_client() as client:
-                lease.give_back(client)
-            lease.announce(RELEASED, who)  # after the slot is free: other processes' waiters ask on it
+            lease.give_back(who)
