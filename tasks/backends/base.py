@@ -387,13 +387,13 @@ def follow(
         try:
             while True:
                 job, data = _probe_patiently(backend, job, offset, notify)
+                if engine_ended is not None and (job.engine_ended or job.state is not JobState.RUNNING):
+                    engine_ended()  # first: consuming lines may wait on the server (progress bar)
+                    engine_ended = None
                 mirror.write(data)
                 mirror.flush()
                 offset += len(data)
                 consume()
-                if engine_ended is not None and (job.engine_ended or job.state is not JobState.RUNNING):
-                    engine_ended()
-                    engine_ended = None
                 if job.state is not JobState.RUNNING:
                     break
         finally:
