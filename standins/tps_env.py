@@ -339,4 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    sys.stdout.flush()
+    # Like the compiled engine, end with the last record: Python's tear-down of numpy and
+    # friends takes tenths of a second on a busy host, and the GPU stays locked meanwhile.
+    os._exit(status)
