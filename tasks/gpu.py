@@ -33,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from uuid import UUID
@@ -300,6 +300,7 @@ class _Waiter:
     settings: Settings
     holder: ConcurrencyLeaseHolder | None
     skip: SkipReason | None
+    since: float = field(default_factory=time.time)
     lease: _Lease | None = None
     error: BaseException | None = None
 
@@ -310,12 +311,22 @@ class _Broker:
     Waiters get GPUs in arrival order. The asking thread reads the server and takes
     every free GPU it can, one per waiter; a beam that ends hands its lease to the
     first waiter at once, even while the asking thread waits for a busy server.
+    Other processes hear since when the first waiter waits (tasks/gpu_wakeup.py).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, host: str) -> None:
+        self._signal = release_signal(host)
         self._cond = threading.Condition()
         self._waiting: deque[_Waiter] = deque()
         self._asking = False
+        self._announced: float | None = None
+
+    def _head_changed(self) -> None:
+        """Announce since when the first waiter waits, if that changed (call holding the lock)."""
+        since = self._waiting[0].since if self._waiting else None
+        if since != self._announced:
+            self._announced = since
+            self._signal.announce_waiting(since)
 
     def lease(
         self, settings: Settings, holder: ConcurrencyLeaseHolder | None, skip: SkipReason | None
@@ -325,6 +336,7 @@ class _Broker:
         try:
             with self._cond:
                 self._waiting.append(waiter)
+                self._head_changed()
                 if not self._asking:
                     self._asking = True
                     threading.Thread(  # with our context: the same Prefect settings and server
@@ -338,6 +350,7 @@ class _Broker:
             with self._cond:
                 if waiter in self._waiting:
                     self._waiting.remove(waiter)
+                    self._head_changed()
             if waiter.lease is not None:
                 waiter.lease.give_back()
             raise
@@ -358,6 +371,7 @@ class _Broker:
             if farewell is not None:
                 farewell()
             self._waiting.popleft().lease = lease
+            self._head_changed()
             self._cond.notify_all()
         return True
 
@@ -370,22 +384,25 @@ class _Broker:
                 for waiter in self._waiting:
                     waiter.error = error
                 self._waiting.clear()
+                self._head_changed()
                 self._asking = False
                 self._cond.notify_all()
 
     def _ask_while_waited_for(self, client: SyncPrefectClient) -> None:
         told: dict[int, str] = {}
+        turn_ran_out = False  # the processes that waited longer had their turn and took nothing
         while True:
             with self._cond:
                 if not self._waiting:
                     self._asking = False
                     return
                 head = self._waiting[0]
-            released = release_signal(head.settings.backend.host)
-            seen = released.count()  # before reading: a release from now on ends the wait below
+            seen = self._signal.count()  # before reading: a release from now on ends the wait below
             try:
                 gpus = head.settings.backend.gpus
                 for lease in _take_free(client, head.settings, head.holder, gpus, head.skip, told):
+                    if turn_ran_out:
+                        self._signal.forget_ahead_of(head.since)
                     if not self.hand_over(lease):  # the waiters got GPUs from their own beams
                         lease.give_back()
                     with self._cond:
@@ -395,10 +412,13 @@ class _Broker:
                 with self._cond:
                     if head in self._waiting:
                         self._waiting.remove(head)
+                        self._head_changed()
                         head.error = error
                         self._cond.notify_all()
                 continue
-            released.wait(seen)
+            with self._cond:
+                since = self._waiting[0].since if self._waiting else None
+            turn_ran_out = self._signal.wait(seen, since)
 
 
 _brokers: dict[tuple[str, str], _Broker] = {}
@@ -408,7 +428,10 @@ _brokers_lock = threading.Lock()
 def _broker(host: str) -> _Broker:
     """This process's broker for `host` on the current Prefect server."""
     with _brokers_lock:
-        return _brokers.setdefault((str(PREFECT_API_URL.value()), host), _Broker())
+        key = (str(PREFECT_API_URL.value()), host)
+        if key not in _brokers:
+            _brokers[key] = _Broker(host)
+        return _brokers[key]
 
 
 @contextmanager

@@ -9,8 +9,17 @@ of their host is released (by this process: at once; by another: when the
 event arrives) and otherwise only every `FALLBACK_SECONDS`, which covers
 leases that expired because their holder died. A release whose slot went
 straight to another beam of its process says so (`handed_over`) and wakes
-nobody. The server still decides who gets a GPU; the events only say when
-asking is worthwhile.
+nobody.
+
+Across processes, a release is first for the process that has waited
+longest: each process says when its longest-waiting beam started to wait
+(`mqi.gpu.waiting`), and a process that n others have out-waited lets them
+ask first (up to TURN_SECONDS each) unless more GPUs than that were
+released. Without this, every waiting process asked at once and all but one
+lost the race, each loss a failed write on the server's busy database. A
+process that waits its turn out and still finds the GPU free forgets those
+ahead of it (dead, or stuck), so a crashed process costs one turn. The server
+still decides who gets a GPU; the events only say when asking is worthwhile.
 """
 
 from __future__ import annotations
@@ -19,7 +28,9 @@ import asyncio
 import contextvars
 import threading
 from datetime import UTC, datetime
+from uuid import uuid4
 
+from prefect.events import emit_event
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 from prefect.logging import get_logger
@@ -29,6 +40,8 @@ logger = get_logger("mqi.gpu")
 
 RELEASED = "mqi.gpu.released"
 HANDED_OVER = "handed_over"  # in a release event's payload: the slot went to another beam at once
+WAITING = "mqi.gpu.waiting"  # payload: a process and since when its longest-waiting beam waits (or null)
+TURN_SECONDS = 1.0  # how long a process lets each process that has waited longer take a release first
 POLL_SECONDS = 0.1  # how often to ask while the event stream is not (yet) followed
 FALLBACK_SECONDS = 2.0  # how often to ask anyway while it is
 RECONNECT_SECONDS = 2.0
@@ -39,12 +52,15 @@ def gpu_resource(host: str, index: int) -> str:
 
 
 class ReleaseSignal:
-    """A counter of GPU releases on one host, bumped locally and from the server's event stream."""
+    """A counter of GPU releases on one host, bumped locally and from the server's event stream,
+    and since when the beams of other processes wait for one."""
 
     def __init__(self, host: str) -> None:
         self._host = host
+        self._process = uuid4().hex
         self._cond = threading.Condition()
         self._count = 0
+        self._others: dict[str, float] = {}  # other process -> since when its longest-waiting beam waits
         self._following = False
         self._thread: threading.Thread | None = None
 
@@ -63,12 +79,46 @@ class ReleaseSignal:
         with self._cond:
             return self._following
 
-    def wait(self, seen: int) -> None:
-        """Return once a release happened after `seen` was read, or when it is time to ask anyway."""
+    def wait(self, seen: int, since: float | None = None) -> bool:
+        """Return once a release happened after `seen` was read, or when it is time to ask anyway.
+
+        With `since` (when this process's longest-waiting beam began to wait), a release is
+        first for the processes that have waited longer: return when more GPUs were released
+        than they are, or after they had TURN_SECONDS each. True if that turn ran out.
+        """
         self.follow()
         with self._cond:
             timeout = FALLBACK_SECONDS if self._following else POLL_SECONDS
-            self._cond.wait_for(lambda: self._count != seen, timeout)
+            if not self._cond.wait_for(lambda: self._count != seen, timeout) or since is None:
+                return False
+            ahead = sum(other < since for other in self._others.values())
+            turns = ahead - (self._count - seen) + 1
+            if turns <= 0:
+                return False
+            return not self._cond.wait_for(lambda: self._count - seen > ahead, TURN_SECONDS * turns)
+
+    def announce_waiting(self, since: float | None) -> None:
+        """Tell every process since when this one's longest-waiting beam waits (None: no beam waits)."""
+        emit_event(
+            WAITING,
+            resource={"prefect.resource.id": f"mqi.gpu.{self._host}.waiting"},
+            payload={"process": self._process, "since": since},
+        )
+
+    def forget_ahead_of(self, since: float) -> None:
+        """Forget the processes that waited longer but did not take a free GPU in their turn."""
+        with self._cond:
+            self._others = {process: other for process, other in self._others.items() if other >= since}
+
+    def _heard_waiting(self, payload: dict[str, object]) -> None:
+        process, since = str(payload.get("process")), payload.get("since")
+        if process == self._process:
+            return
+        with self._cond:
+            if isinstance(since, int | float):
+                self._others[process] = float(since)
+            else:
+                self._others.pop(process, None)
 
     def follow(self) -> None:
         """Start following the server's release events (once per process and server)."""
@@ -89,16 +139,18 @@ class ReleaseSignal:
     async def _follow(self) -> None:
         since = datetime.now(UTC)
         while True:
-            released = EventFilter(  # from `since` on: the server first sends what we missed
+            wanted = EventFilter(  # from `since` on: the server first sends what we missed
                 occurred=EventOccurredFilter(since=since),
-                event=EventNameFilter(name=[RELEASED]),
+                event=EventNameFilter(name=[RELEASED, WAITING]),
                 resource=EventResourceFilter(id_prefix=[f"mqi.gpu.{self._host}."]),
             )
             try:
-                async with get_events_subscriber(filter=released, reconnection_attempts=0) as events:
+                async with get_events_subscriber(filter=wanted, reconnection_attempts=0) as events:
                     self._set_following(True)
                     async for event in events:
-                        if not event.payload.get(HANDED_OVER):  # else the slot is still taken
+                        if event.event == WAITING:
+                            self._heard_waiting(event.payload)
+                        elif not event.payload.get(HANDED_OVER):  # else the slot is still taken
                             self.released()
             except Exception as error:  # the server is down or restarting: poll meanwhile
                 logger.debug("GPU release events of %s not followed: %s", self._host, error)

@@ -201,7 +201,7 @@ def test_release_in_another_process_wakes_the_waiter_through_the_event_stream(
     assert wait_for("the release events to be followed", lambda: signal.following)
     waiting = threading.Event()
     wait = signal.wait
-    monkeypatch.setattr(signal, "wait", lambda seen: (waiting.set(), wait(seen)))
+    monkeypatch.setattr(signal, "wait", lambda *args: (waiting.set(), wait(*args))[1])
     holder = start_holder(use_server, config, "1")
     got: list[int] = []
 
@@ -230,7 +230,7 @@ def test_beam_ending_while_another_of_its_process_waits_hands_its_gpu_over(use_s
     signal = gpu_wakeup.release_signal("handoff")
     waiting = threading.Event()
     wait = signal.wait
-    monkeypatch.setattr(signal, "wait", lambda seen: (waiting.set(), wait(seen)))
+    monkeypatch.setattr(signal, "wait", lambda *args: (waiting.set(), wait(*args))[1])
     got: list[tuple[int, bool]] = []
 
     def second() -> None:
@@ -406,3 +406,42 @@ def test_a_handed_over_gpu_wakes_no_other_process(use_server):
     emit_event(gpu_wakeup.RELEASED, resource=resource, payload={"case_id": "C"})  # sent after it
     wait_for("the plain release to wake the waiters", lambda: signal.count() > seen)
     assert signal.count() == seen + 1
+
+
+def test_a_release_is_first_for_the_process_that_has_waited_longest(use_server, monkeypatch):
+    """Processes that out-waited this one ask first, unless more GPUs came free than they are."""
+    monkeypatch.setattr(gpu_wakeup, "TURN_SECONDS", 0.2)
+    signal = gpu_wakeup.release_signal("turns")
+    signal.follow()
+    assert wait_for("the release events to be followed", lambda: signal.following)
+    gpu = {"prefect.resource.id": gpu_wakeup.gpu_resource("turns", 0)}
+    queue = {"prefect.resource.id": "mqi.gpu.turns.waiting"}
+
+    def other_waits(since: float | None) -> None:
+        """Another process says since when its first beam waits (None: no beam waits any more)."""
+        emit_event(gpu_wakeup.WAITING, resource=queue, payload={"process": "other", "since": since})
+
+    def releases(count: int) -> int:
+        """`count` GPUs are released (heard after what was sent before); the count before them."""
+        seen = signal.count()
+        for _ in range(count):
+            emit_event(gpu_wakeup.RELEASED, resource=gpu, payload={})
+        wait_for("the releases", lambda: signal.count() >= seen + count)
+        return seen
+
+    other_waits(100.0)
+    seen = releases(1)
+    assert signal.wait(seen, since=200.0) is True  # the other has waited longer: its turn, which ran out
+    assert signal.wait(seen, since=50.0) is False  # this one has: its turn at once
+    assert signal.wait(seen) is False  # an adopted job's wait knows no turns
+    seen = releases(2)
+    assert signal.wait(seen, since=200.0) is False  # one GPU each
+    signal.forget_ahead_of(200.0)  # it let its turn pass with a GPU free: dead or stuck
+    seen = releases(1)
+    assert signal.wait(seen, since=200.0) is False
+    other_waits(100.0)
+    seen = releases(1)
+    assert signal.wait(seen, since=200.0) is True  # heard of again
+    other_waits(None)
+    seen = releases(1)
+    assert signal.wait(seen, since=200.0) is False
