@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -200,6 +201,28 @@ def test_the_gpu_is_free_when_the_engine_exits_before_the_job_ends(backend, sett
     followed = follow(backend, job, argv, tmp_path / "free.log", engine_ended=engine_ended)
     assert [(j.state, j.engine_ended) for j in seen] == [(JobState.RUNNING, True)]  # once; job not over
     assert followed.job.state is JobState.FINISHED_OK and followed.job.exit_code == 0
+
+
+def test_the_gpu_is_let_go_before_the_last_lines_are_consumed(backend, tmp_path, monkeypatch):
+    """Consuming a line may move the progress bar (a call to a busy server): the GPU must not wait for it."""
+    running = Job(str(tmp_path / "job"), JobState.RUNNING, host="h", pid=1, gpu=0, started=1.0, timeout=60.0)
+    answers = iter(
+        [
+            (replace(running, engine_ended=True), b"Total execution time: 5.00 s\n"),
+            (replace(running, state=JobState.FINISHED_OK, exit_code=0, ended=2.0), b""),
+        ]
+    )
+    monkeypatch.setattr(backend, "probe", lambda job, offset=None, wait=0.0: next(answers))
+    order: list[str] = []
+    follow(
+        backend,
+        running,
+        ["tps_env"],
+        tmp_path / "order.log",
+        on_line=lambda line: order.append(line),
+        engine_ended=lambda: order.append("GPU let go"),
+    )
+    assert order == ["GPU let go", "Total execution time: 5.00 s"]
 
 
 @pytest.mark.parametrize("poll", [0.001, 0.2, 3.0])
