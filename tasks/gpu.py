@@ -417,7 +417,7 @@ class _Broker:
                         self._cond.notify_all()
                 continue
             with self._cond:
-                since = self._waiting[0].since if self._waiting else None
+                since = self._announced  # the first waiter's, as the other processes heard it
             turn_ran_out = self._signal.wait(seen, since)
 
 
