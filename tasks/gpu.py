@@ -18,6 +18,8 @@ ends while another beam of the same process waits hands its lease straight
 to it, even while that thread waits for the server: the slot stays taken on
 the server (still one engine per GPU), and the next engine starts without a
 round trip to a server that, under load, can take a second or more to answer.
+A process on the same machine whose beam has waited longer gets the lease
+first, the same way, over a local socket (tasks/gpu_handoff.py).
 All lease calls go through a client that retries a busy SQLite server at
 once (tasks/prefect_api.py). Each lease and release is also sent as an event
 (`mqi.gpu.leased` / `mqi.gpu.released`, resource `mqi.gpu.<host>.<index>`)
@@ -49,6 +51,7 @@ from prefect.logging import get_logger
 from prefect.settings import PREFECT_API_URL
 
 from config.settings import Settings
+from tasks.gpu_handoff import HandoffPoint, Offer, offer
 from tasks.gpu_wakeup import HANDED_OVER, RELEASED, gpu_resource, release_signal
 from tasks.prefect_api import api_client
 
@@ -200,6 +203,10 @@ class _Lease:
     def announce(self, event: str, who: Mapping[str, object] | None) -> None:
         emit_event(event, resource=self.resource, payload={**(who or {}), "lease_id": str(self.lease_id)})
 
+    def stop_renewing(self) -> None:
+        """Another process renews it from now on (a renewal in flight does no harm)."""
+        self._stop.set()
+
     def give_back(self, who: Mapping[str, str] | None = None) -> None:
         """Release the slot, then say so (other processes' waiters ask on that event).
 
@@ -207,7 +214,7 @@ class _Lease:
         client does not retry a refused connection, and a server restarted mid-case would
         otherwise keep the slot taken for up to gpu_lease_seconds.
         """
-        self._stop.set()
+        self.stop_renewing()
         self._renewer.join()
         deadline, pause = time.monotonic() + self._duration, RELEASE_RETRY_SECONDS
         while True:
@@ -311,15 +318,38 @@ class _Broker:
     Waiters get GPUs in arrival order. The asking thread reads the server and takes
     every free GPU it can, one per waiter; a beam that ends hands its lease to the
     first waiter at once, even while the asking thread waits for a busy server.
-    Other processes hear since when the first waiter waits (tasks/gpu_wakeup.py).
+    Other processes hear since when the first waiter waits (tasks/gpu_wakeup.py), and
+    those on this machine may hand it a lease of theirs (tasks/gpu_handoff.py).
     """
 
     def __init__(self, host: str) -> None:
+        self._host = host
         self._signal = release_signal(host)
         self._cond = threading.Condition()
         self._waiting: deque[_Waiter] = deque()
         self._asking = False
         self._announced: float | None = None
+        self._settings: Settings | None = None  # the latest waiter's: for leases handed to us
+        self._handoff: HandoffPoint | None = None
+
+    def _listen(self) -> None:
+        """Open this process's hand-off socket, once (call holding the lock)."""
+        if self._handoff is None:
+            try:
+                self._handoff = HandoffPoint(self._signal.process, self._host, self._accept, self._receive)
+            except OSError as error:  # e.g. no abstract sockets here: leases come from the server only
+                logger.warning("GPUs of %s cannot be handed to this process directly: %s", self._host, error)
+
+    def _accept(self) -> bool:
+        with self._cond:
+            return bool(self._waiting)
+
+    def _receive(self, lease_id: UUID, index: int) -> None:
+        """A lease another process handed us: renew it, and give it to the first waiter."""
+        assert self._settings is not None  # set before our socket opened
+        lease = _Lease(self._settings, lease_id, index)
+        if not self.hand_over(lease):  # the waiters got GPUs meanwhile
+            lease.give_back()
 
     def _head_changed(self) -> None:
         """Announce since when the first waiter waits, if that changed (call holding the lock)."""
@@ -335,6 +365,8 @@ class _Broker:
         waiter = _Waiter(settings, holder, skip)
         try:
             with self._cond:
+                self._settings = settings
+                self._listen()
                 self._waiting.append(waiter)
                 self._head_changed()
                 if not self._asking:
@@ -374,6 +406,31 @@ class _Broker:
             self._head_changed()
             self._cond.notify_all()
         return True
+
+    def pass_on(self, lease: _Lease, farewell: Callable[[], None], who: Mapping[str, str] | None) -> None:
+        """Give an ended beam's lease to the beam that has waited longest on this machine.
+
+        That is a beam of another process here that waited longer than ours, then our first
+        waiter; with nobody waiting the slot goes back to the server.
+        """
+        with self._cond:
+            since = self._waiting[0].since if self._waiting else None
+
+        def end_hold() -> None:
+            lease.stop_renewing()
+            farewell()
+
+        for process in self._signal.nearby_ahead_of(since):
+            outcome = offer(process, self._host, lease.index, lease.lease_id, end_hold)
+            if outcome is Offer.HANDED:
+                return
+            if outcome is Offer.BROKEN:
+                lease.give_back(who)
+                return
+            if outcome is Offer.GONE:
+                self._signal.forget(process)
+        if not self.hand_over(lease, farewell):
+            lease.give_back(who)
 
     def _ask(self) -> None:
         try:
@@ -455,9 +512,9 @@ def gpu_lease(
         with api_client() as client:
             lease = _acquire(client, settings, holder, only, skip)
     lease.announce(LEASED, who)
+    release_signal(settings.backend.host).follow()  # to hear who waits by the time we are done
     try:
         yield lease.index
     finally:
         farewell = partial(lease.announce, RELEASED, {**(who or {}), HANDED_OVER: True})
-        if not broker.hand_over(lease, farewell):
-            lease.give_back(who)
+        broker.pass_on(lease, farewell, who)

@@ -20,12 +20,16 @@ lost the race, each loss a failed write on the server's busy database. A
 process that waits its turn out and still finds the GPU free forgets those
 ahead of it (dead, or stuck), so a crashed process costs one turn. The server
 still decides who gets a GPU; the events only say when asking is worthwhile.
+The waiting events also name the process's machine, so that a beam ending
+there can hand its GPU straight to the process that waited longest
+(tasks/gpu_handoff.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import socket
 import threading
 from datetime import UTC, datetime
 from uuid import uuid4
@@ -40,11 +44,12 @@ logger = get_logger("mqi.gpu")
 
 RELEASED = "mqi.gpu.released"
 HANDED_OVER = "handed_over"  # in a release event's payload: the slot went to another beam at once
-WAITING = "mqi.gpu.waiting"  # payload: a process and since when its longest-waiting beam waits (or null)
+WAITING = "mqi.gpu.waiting"  # payload: a process, its machine, since when its first beam waits (or null)
 TURN_SECONDS = 1.0  # how long a process lets each process that has waited longer take a release first
 POLL_SECONDS = 0.1  # how often to ask while the event stream is not (yet) followed
 FALLBACK_SECONDS = 2.0  # how often to ask anyway while it is
 RECONNECT_SECONDS = 2.0
+NODE = socket.gethostname()
 
 
 def gpu_resource(host: str, index: int) -> str:
@@ -57,10 +62,11 @@ class ReleaseSignal:
 
     def __init__(self, host: str) -> None:
         self._host = host
-        self._process = uuid4().hex
+        self.process = uuid4().hex  # names this process in waiting events and its hand-off socket
         self._cond = threading.Condition()
         self._count = 0
         self._others: dict[str, float] = {}  # other process -> since when its longest-waiting beam waits
+        self._nearby: set[str] = set()  # the other processes on this machine
         self._following = False
         self._thread: threading.Thread | None = None
 
@@ -102,8 +108,22 @@ class ReleaseSignal:
         emit_event(
             WAITING,
             resource={"prefect.resource.id": f"mqi.gpu.{self._host}.waiting"},
-            payload={"process": self._process, "since": since},
+            payload={"process": self.process, "node": NODE, "since": since},
         )
+
+    def nearby_ahead_of(self, since: float | None) -> list[str]:
+        """The processes on this machine whose first beam has waited longer than `since`, longest first."""
+        with self._cond:
+            ahead = {p: self._others[p] for p in self._nearby if p in self._others}
+            if since is not None:
+                ahead = {p: other for p, other in ahead.items() if other < since}
+            return sorted(ahead, key=ahead.__getitem__)
+
+    def forget(self, process: str) -> None:
+        """Forget a process that is gone (its hand-off socket refused us)."""
+        with self._cond:
+            self._others.pop(process, None)
+            self._nearby.discard(process)
 
     def forget_ahead_of(self, since: float) -> None:
         """Forget the processes that waited longer but did not take a free GPU in their turn."""
@@ -112,13 +132,16 @@ class ReleaseSignal:
 
     def _heard_waiting(self, payload: dict[str, object]) -> None:
         process, since = str(payload.get("process")), payload.get("since")
-        if process == self._process:
+        if process == self.process:
             return
         with self._cond:
             if isinstance(since, int | float):
                 self._others[process] = float(since)
+                if payload.get("node") == NODE:
+                    self._nearby.add(process)
             else:
                 self._others.pop(process, None)
+                self._nearby.discard(process)
 
     def follow(self) -> None:
         """Start following the server's release events (once per process and server)."""
