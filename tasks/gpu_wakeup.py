@@ -149,7 +149,7 @@ class ReleaseSignal:
             if self._thread is None:  # with our context: the same Prefect settings and server
                 self._thread = threading.Thread(
                     target=contextvars.copy_context().run,
-                    args=(asyncio.run, self._follow()),
+                    args=(asyncio.run, self._follow(datetime.now(UTC))),  # from now on
                     name=f"mqi-gpu-releases-{self._host}",
                     daemon=True,
                 )
@@ -159,8 +159,7 @@ class ReleaseSignal:
         with self._cond:
             self._following = value
 
-    async def _follow(self) -> None:
-        since = datetime.now(UTC)
+    async def _follow(self, since: datetime) -> None:
         while True:
             wanted = EventFilter(  # from `since` on: the server first sends what we missed
                 occurred=EventOccurredFilter(since=since),

@@ -33,10 +33,18 @@ HOLDER = """
 import sys
 from config import load_settings
 from tasks.gpu import gpu_lease
+from tasks.gpu_wakeup import release_signal
+from tests.service_stack import wait_for
 settings = load_settings(sys.argv[1], env={})
+to_a_waiter = sys.argv[3:] == ["--to-a-waiter"]
 with gpu_lease(settings, who={"case_id": "HOLDER", "beam": sys.argv[2]}) as gpu:
+    signal = release_signal(settings.backend.host)
+    if to_a_waiter:  # hears who waits from now on
+        wait_for("the GPU events to be followed", lambda: signal.following)
     print(f"holding {gpu}", flush=True)
     sys.stdin.readline()  # hold the GPU until told to let go (or killed)
+    if to_a_waiter:  # let go once a waiting process of this machine is heard of
+        wait_for("a waiting process", lambda: signal.nearby_ahead_of(None))
 print("released", flush=True)
 """
 
@@ -61,9 +69,9 @@ def leased(settings, index: int) -> bool:
         return client.read_global_concurrency_limit_by_name(settings.gpu_limit_name(index)).active_slots > 0
 
 
-def start_holder(server: LocalServer, config: Path, beam: str) -> subprocess.Popen[str]:
+def start_holder(server: LocalServer, config: Path, beam: str, *options: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(config), beam],
+        [sys.executable, "-c", HOLDER, str(config), beam, *options],
         env=server.env(),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -261,6 +269,57 @@ def test_beam_ending_while_another_of_its_process_waits_hands_its_gpu_over(use_s
     assert payloads[0]["lease_id"] == payloads[1]["lease_id"]  # one server lease, handed over
 
 
+def gpu_events(resource: str) -> list[tuple[str, dict]]:
+    """The lease and release events of one GPU, oldest first."""
+    with get_client(sync_client=True) as client:
+        page = client.read_events(
+            filter=EventFilter(
+                event=EventNameFilter(name=["mqi.gpu.leased", gpu_wakeup.RELEASED]),
+                resource=EventResourceFilter(id=[resource]),
+            ),
+            limit=20,
+        )
+    return [(event.event, event.payload) for event in reversed(page.events)]
+
+
+def test_a_process_on_this_machine_that_waits_gets_the_lease_straight_from_the_holder(use_server, tmp_path):
+    """No release to the server in between: the slot stays taken, only its holder changes."""
+    config = write_config(tmp_path, {"backend": {"host": "direct", "gpus": [0]}})
+    settings = load_settings(config, env={})
+    ensure_gpu_limits(settings)
+    holder = start_holder(use_server, config, "1", "--to-a-waiter")
+    got: list[tuple[int, bool]] = []
+
+    def take() -> None:
+        with gpu_lease(settings, who={"case_id": "C", "beam": "2"}) as gpu:
+            got.append((gpu, leased(settings, gpu)))
+
+    try:
+        assert holder.stdout.readline().strip() == "holding 0"
+        waiter = in_thread(take)
+        wait_for("the beam to queue", lambda: waiting_beams(settings) == 1)
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "released"
+        waiter.join(timeout=60)
+    finally:
+        holder.kill()
+    assert got == [(0, True)]
+    assert not leased(settings, 0)  # given back to the server once nobody waits
+    events = wait_for(
+        "four lease events", lambda: found if len(found := gpu_events("mqi.gpu.direct.0")) == 4 else None
+    )
+    assert [(name, payload["beam"]) for name, payload in events] == [
+        ("mqi.gpu.leased", "1"),
+        ("mqi.gpu.released", "1"),
+        ("mqi.gpu.leased", "2"),
+        ("mqi.gpu.released", "2"),
+    ]
+    assert events[1][1][gpu_wakeup.HANDED_OVER] is True  # woke nobody: the slot was still taken
+    assert events[0][1]["lease_id"] == events[2][1]["lease_id"]  # one server lease, two processes
+    assert gpu_wakeup.HANDED_OVER not in events[3][1]
+
+
 def test_sync_creates_updates_and_disables(use_server, tmp_path):
     four = load_settings(write_config(tmp_path, {"backend": {"host": "sync", "gpus": [0, 1, 2, 3]}}), env={})
     assert ensure_gpu_limits(four)["created"] == four.gpu_limit_names()
@@ -445,3 +504,25 @@ def test_a_release_is_first_for_the_process_that_has_waited_longest(use_server, 
     other_waits(None)
     seen = releases(1)
     assert signal.wait(seen, since=200.0) is False
+
+
+def test_processes_of_this_machine_that_waited_longer_are_offered_a_gpu_first(use_server):
+    """Who a beam that ends here offers its GPU to: waiters on this machine, longest first."""
+    signal = gpu_wakeup.release_signal("nearby")
+    signal.follow()
+    assert wait_for("the release events to be followed", lambda: signal.following)
+    queue = {"prefect.resource.id": "mqi.gpu.nearby.waiting"}
+
+    def waits(process: str, node: str, since: float | None) -> None:
+        payload = {"process": process, "node": node, "since": since}
+        emit_event(gpu_wakeup.WAITING, resource=queue, payload=payload)
+
+    waits("late", gpu_wakeup.NODE, 300.0)
+    waits("early", gpu_wakeup.NODE, 100.0)
+    waits("remote", "another-machine", 50.0)  # cannot be handed a lease over a local socket
+    wait_for("both local waiters", lambda: signal.nearby_ahead_of(None) == ["early", "late"])
+    assert signal.nearby_ahead_of(200.0) == ["early"]  # only those that waited longer than our beam
+    waits("early", gpu_wakeup.NODE, None)  # its beams got GPUs
+    wait_for("the early process to stop waiting", lambda: signal.nearby_ahead_of(None) == ["late"])
+    signal.forget("late")  # its socket refused: gone
+    assert signal.nearby_ahead_of(None) == []
