@@ -115,7 +115,7 @@ class HandoffPoint:
             with conn:
                 try:
                     self._answer(conn)
-                except (OSError, ValueError) as error:  # the giver went away: it keeps or releases
+                except Exception as error:  # the giver went away or spoke nonsense: keep listening
                     logger.debug("GPU hand-off on %s not completed: %s", self._host, error)
 
     def _answer(self, conn: socket.socket) -> None:

@@ -75,6 +75,18 @@ def test_a_giver_that_goes_away_after_the_accept_hands_nothing_over():
     assert receiver.got == [(second, 1)]
 
 
+def test_nonsense_from_a_peer_does_not_stop_the_listener():
+    receiver = Receiver()
+    for nonsense in (b"[]\n", b'{"gpu": 0}\n', b'{"offer": "not-a-uuid", "gpu": 0}\n', b"\xff\n"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as peer:
+            peer.settimeout(10)
+            peer.connect(gpu_handoff._address(receiver.process))
+            peer.sendall(nonsense)
+            assert peer.recv(100) == b""  # closed without an answer
+    assert offer(receiver.process, "h", 1, uuid4(), lambda: None) is Offer.HANDED
+    assert receiver.received.acquire(timeout=30)
+
+
 def test_a_commit_the_receiver_cannot_read_leaves_the_lease_to_the_giver_to_release():
     process, closed = uuid4().hex, threading.Event()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as receiver:
