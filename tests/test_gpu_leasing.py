@@ -80,6 +80,14 @@ def start_holder(server: LocalServer, config: Path, beam: str, *options: str) ->
     return proc
 
 
+def let_go(holder: subprocess.Popen[str]) -> None:
+    """Tell a holder process to end its lease, and wait until it has."""
+    assert holder.stdin is not None and holder.stdout is not None
+    holder.stdin.write("\n")
+    holder.stdin.flush()
+    assert holder.stdout.readline().strip() == "released"
+
+
 def test_three_cases_of_four_beams_share_two_gpus_without_overlap(use_server, tmp_path):
     config = write_config(tmp_path, {"backend": {"host": "share", "gpus": [0, 1]}})
     settings = load_settings(config, env={})
@@ -169,9 +177,7 @@ def test_killed_holder_gpu_returns_after_its_lease_expires(use_server, tmp_path)
     second = start_holder(use_server, config, "2")
     try:
         assert second.stdout.readline().strip() == "holding 0"  # after expiry (60 s) + reclaim
-        second.stdin.write("\n")
-        second.stdin.flush()
-        assert second.stdout.readline().strip() == "released"
+        let_go(second)
     finally:
         second.kill()
     assert not leased(settings, 0)
@@ -187,9 +193,7 @@ def test_server_restart_while_a_gpu_is_held_leaks_no_slot(use_server, tmp_path):
         use_server.stop()
         use_server.start()
         assert leased(settings, 0)
-        holder.stdin.write("\n")
-        holder.stdin.flush()
-        assert holder.stdout.readline().strip() == "released"
+        let_go(holder)
         assert holder.wait(timeout=60) == 0
     finally:
         holder.kill()
@@ -222,9 +226,7 @@ def test_release_in_another_process_wakes_the_waiter_through_the_event_stream(
         waiter = threading.Thread(target=contextvars.copy_context().run, args=(take,))
         waiter.start()
         assert waiting.wait(timeout=60)  # the waiter found GPU 0 taken and waits
-        holder.stdin.write("\n")
-        holder.stdin.flush()
-        assert holder.stdout.readline().strip() == "released"
+        let_go(holder)
         waiter.join(timeout=60)
     finally:
         holder.kill()
@@ -298,9 +300,7 @@ def test_a_process_on_this_machine_that_waits_gets_the_lease_straight_from_the_h
         assert holder.stdout.readline().strip() == "holding 0"
         waiter = in_thread(take)
         wait_for("the beam to queue", lambda: waiting_beams(settings) == 1)
-        holder.stdin.write("\n")
-        holder.stdin.flush()
-        assert holder.stdout.readline().strip() == "released"
+        let_go(holder)
         waiter.join(timeout=60)
     finally:
         holder.kill()
