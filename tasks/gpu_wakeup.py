@@ -140,8 +140,7 @@ class ReleaseSignal:
                 if payload.get("node") == NODE:
                     self._nearby.add(process)
             else:
-                self._others.pop(process, None)
-                self._nearby.discard(process)
+                self.forget(process)  # no beam of it waits any more
 
     def follow(self) -> None:
         """Start following the server's release events (once per process and server)."""
