@@ -80,8 +80,8 @@ def child(mode: str, raw: Path, out: Path, plan: Path, n: int) -> None:
         np.fromfile(raw, dtype=np.float64).tofile(out)
         seconds = time.perf_counter() - start
     else:
-        from tasks.moqui_input import PhantomGrid
-        from tasks.rtdose import raw_to_rtdose
+        from tasks.dose.write import raw_to_rtdose
+        from tasks.moqui.grid import PhantomGrid
 
         grid = PhantomGrid(dims=(n, n, n), spacing=(2.0, 2.0, 2.0), position=(-float(n),) * 3)
         start = time.perf_counter()

@@ -147,7 +147,7 @@ def engine_spans(launch_log: Path) -> dict[str, list[Span]]:
     ends = {r["pid"]: r["time"] for r in records if r["tool"] == "engine" and r["event"] == "end"}
     spans: dict[str, list[Span]] = defaultdict(list)
     for pid, start in starts.items():
-        beam = Path(start["input"]).parent  # <work>/<case>/beams/beam-NN/moqui_tps.in
+        beam = Path(start["input"]).parents[2]  # <work>/<case>/beams/beam-NN/jobs/<hash>/moqui_tps.in
         spans[str(start["gpu"])].append((start["launched"], ends[pid], f"{beam.parents[1].name}/{beam.name}"))
     return {gpu: sorted(s) for gpu, s in spans.items()}
 

@@ -12,11 +12,18 @@ import re
 import string
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from tasks.moqui_input import OUTPUT_FORMATS
+# The single source of these defaults and allowed values (discovery, the engine input and
+# the stand-ins import them from here).
+DEFAULT_READY_MARKER = "_CASE_READY"
+DeliveryPolicy = Literal["earliest_complete", "latest_complete", "single"]
+DELIVERY_POLICIES: tuple[str, ...] = get_args(DeliveryPolicy)
+DEFAULT_DELIVERY_POLICY: DeliveryPolicy = "earliest_complete"
+OutputFormat = Literal["raw", "dcm", "mhd", "mha", "npz"]
+OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
 
 
 class Strict(BaseModel):
@@ -89,11 +96,23 @@ class PathSettings(Strict):
 
 
 class CaseSettings(Strict):
-    ready_marker: str = Field("_CASE_READY", min_length=1)
-    delivery_policy: Literal["earliest_complete", "latest_complete", "single"] = "earliest_complete"
+    """What makes a case folder complete, and which delivery of a beam is recalculated."""
+
+    ready_marker: str = Field(
+        DEFAULT_READY_MARKER,
+        min_length=1,
+        description="File the transfer service writes into a case folder when it is complete.",
+    )
+    delivery_policy: DeliveryPolicy = Field(
+        DEFAULT_DELIVERY_POLICY,
+        description="Which delivery folder of a beam with several (fractions) is recalculated: "
+        "earliest_complete, latest_complete, or single (several are an error).",
+    )
 
 
 class InterpreterSettings(Strict):
+    """The clinic's interpreter (plan + delivery logs -> per-layer CSVs), run once per case."""
+
     command: list[str] = Field(
         default=[
             "{python}",
@@ -109,7 +128,9 @@ class InterpreterSettings(Strict):
         "[python, /path/main_cli.py, --logdir, {case_dir}, --outputdir, {csv_dir}].",
     )
     workdir: str | None = Field(None, description="cwd for the interpreter (default: the case's work dir).")
-    timeout_seconds: float = Field(1800, gt=0)
+    timeout_seconds: float = Field(
+        1800, gt=0, description="The interpreter is killed (and the case fails) after this many seconds."
+    )
 
     @field_validator("command")
     @classmethod
@@ -118,6 +139,8 @@ class InterpreterSettings(Strict):
 
 
 class EngineSettings(Strict):
+    """The MOQUI engine (tps_env): how it is started, watched, judged and retried."""
+
     command: list[str] = Field(
         default=["{python}", "-m", "standins.tps_env", "{input}"],
         min_length=1,
@@ -127,13 +150,25 @@ class EngineSettings(Strict):
     timeout_seconds: float = Field(7200, gt=0, description="A beam's engine run is killed after this.")
     poll_seconds: float = Field(0.5, gt=0, le=60, description="How often the engine log is read.")
     retries: int = Field(2, ge=0, le=10, description="Extra attempts for transient engine faults.")
-    retry_delay_seconds: list[float] = Field(default=[2, 10], min_length=1)
+    retry_delay_seconds: list[float] = Field(
+        default=[2, 10],
+        min_length=1,
+        description="Pause before each retry of a beam (the last value repeats for later retries).",
+    )
     dose_file_pattern: str = Field(
         "{beam_name}_{beam_number}_{scorer}.{ext}",
         description="Name of the engine's dose file in OutputDir.",
     )
-    success_markers: list[str] = Field(default=["Total execution time:"], min_length=1)
-    failure_markers: list[str] = Field(default=["FATAL ERROR", "ERROR:", "Segmentation fault"], min_length=1)
+    success_markers: list[str] = Field(
+        default=["Total execution time:"],
+        min_length=1,
+        description="A log line holding one of these means the engine finished its simulation.",
+    )
+    failure_markers: list[str] = Field(
+        default=["FATAL ERROR", "ERROR:", "Segmentation fault"],
+        min_length=1,
+        description="A log line holding one of these fails the run, whatever the exit code.",
+    )
 
     @field_validator("command")
     @classmethod
@@ -180,27 +215,46 @@ class PhantomSettings(Strict):
 class TpsSettings(Strict):
     """Engine options written to every moqui_tps.in (typed; MOQUI ignores unknown keys)."""
 
-    random_seed: int = -1932780356
-    use_absolute_path: bool = True
-    total_threads: int = Field(-1, description="-1 lets the engine choose.")
-    max_histories_per_batch: int = Field(10000, gt=0)
-    verbosity: int = Field(0, ge=0)
-    using_phantom_geo: bool = True
-    two_centimeter_mode: bool = False
-    phantom: PhantomSettings = PhantomSettings()
-    scorer: str = Field("Dose", pattern=r"^[A-Za-z0-9]+$")
-    supress_std: bool = True
-    read_structure: bool = False
-    body_contour_name: str = "BODY"
-    source_type: Literal["FluenceMap"] = "FluenceMap"
-    simulation_type: Literal["perBeam"] = "perBeam"
-    normalize_total_histories: bool = False
-    score_to_ct_grid: bool = False
-    output_format: Literal[OUTPUT_FORMATS] = "raw"  # type: ignore[valid-type]
-    overwrite_results: bool = True
+    random_seed: int = Field(-1932780356, description="RandomSeed: the engine's random number seed.")
+    use_absolute_path: bool = Field(
+        True, description="UseAbsolutePath: the folders in moqui_tps.in are absolute paths."
+    )
+    total_threads: int = Field(-1, description="TotalThreads: -1 lets the engine choose.")
+    max_histories_per_batch: int = Field(
+        10000, gt=0, description="MaxHistoriesPerBatch: proton histories simulated per batch."
+    )
+    verbosity: int = Field(0, ge=0, description="Verbosity of the engine's log (0: least).")
+    using_phantom_geo: bool = Field(
+        True, description="UsingPhantomGeo: score in the water phantom below, not on the CT."
+    )
+    two_centimeter_mode: bool = Field(
+        False, description="TwoCentimeterMode: the engine scores one plane at 2 cm depth."
+    )
+    phantom: PhantomSettings = Field(
+        PhantomSettings(),
+        description="The water phantom's grid (PhantomDim*, PhantomUnit*, PhantomPosition*).",
+    )
+    scorer: str = Field("Dose", pattern=r"^[A-Za-z0-9]+$", description="Scorer: the quantity scored.")
+    supress_std: bool = Field(True, description="SupressStd: no statistical uncertainty output.")
+    read_structure: bool = Field(False, description="ReadStructure: read an RT structure set.")
+    body_contour_name: str = Field("BODY", description="BodyContourName: the body ROI, with ReadStructure.")
+    source_type: Literal["FluenceMap"] = Field(
+        "FluenceMap", description="SourceType: spots from the delivery logs' fluence."
+    )
+    simulation_type: Literal["perBeam"] = Field("perBeam", description="SimulationType: one run per beam.")
+    normalize_total_histories: bool = Field(
+        False, description="NormalizeTotalHistories: the clinic build's history normalisation."
+    )
+    score_to_ct_grid: bool = Field(False, description="ScoreToCTGrid: score on the CT grid, not the phantom.")
+    output_format: OutputFormat = Field(
+        "raw", description="OutputFormat of the dose: raw (converted here to RTDOSE) or dcm (collected)."
+    )
+    overwrite_results: bool = Field(True, description="OverwriteResults: replace an existing dose file.")
 
 
 class BackendSettings(Strict):
+    """Where the engines run, and the GPUs they may use there."""
+
     kind: Literal["local", "ssh"] = Field(
         "local", description="Where engines run: this machine, or the GPU host of the ssh: section."
     )
@@ -246,8 +300,10 @@ class SshSettings(Strict):
     """The GPU host reached over SSH (backend.kind: ssh). Names of secrets only, never secrets."""
 
     host: str = Field(pattern=r"^[A-Za-z0-9._:-]+$", description="Host name or address of the GPU node.")
-    port: int = Field(22, ge=1, le=65535)
-    user: str = Field(pattern=r"^[A-Za-z0-9._][A-Za-z0-9._-]*$")
+    port: int = Field(22, ge=1, le=65535, description="SSH port of the GPU node.")
+    user: str = Field(
+        pattern=r"^[A-Za-z0-9._][A-Za-z0-9._-]*$", description="User the jobs run as on the GPU node."
+    )
     key_file: str | None = Field(
         None, description="Private key file; relative paths resolve beside the config file."
     )
@@ -272,7 +328,9 @@ class SshSettings(Strict):
     forward_env: list[str] = Field(
         default=[], description="Environment variables passed from here to the engine (e.g. CUDA settings)."
     )
-    poll_seconds: float = Field(3, gt=0, le=60, description="How often a running job's log and exit are read")
+    poll_seconds: float = Field(
+        3, gt=0, le=60, description="How often a running job's log and exit are read."
+    )
     connect_timeout_seconds: float = Field(20, gt=0, description="TCP connect, banner, key exchange, auth.")
     command_timeout_seconds: float = Field(
         60, gt=0, description="Longest silence allowed on any SSH channel or SFTP operation."
@@ -324,7 +382,11 @@ class SshSettings(Strict):
 
 
 class DicomSettings(Strict):
-    dose_type: Literal["PHYSICAL", "EFFECTIVE"] = "PHYSICAL"
+    """The RTDOSE files written."""
+
+    dose_type: Literal["PHYSICAL", "EFFECTIVE"] = Field(
+        "PHYSICAL", description="DoseType of every RTDOSE: PHYSICAL, or EFFECTIVE (RBE-weighted)."
+    )
     validator: str | None = Field(
         "dciodvfy",
         description="DICOM validator run on every RTDOSE written (skipped with a warning "
@@ -389,16 +451,22 @@ class SensorSettings(Strict):
 
 
 class Settings(Strict):
-    data_root: str = Field("../data", description="Relative paths resolve against the config file's folder.")
-    paths: PathSettings = PathSettings()
-    case: CaseSettings = CaseSettings()
-    interpreter: InterpreterSettings = InterpreterSettings()
-    engine: EngineSettings = EngineSettings()
-    tps: TpsSettings = TpsSettings()
-    backend: BackendSettings = BackendSettings()
-    ssh: SshSettings | None = None
-    dicom: DicomSettings = DicomSettings()
-    sensor: SensorSettings = SensorSettings()
+    """Everything MQI Communicator is told: one file, validated at start-up."""
+
+    data_root: str = Field(
+        "../data",
+        description="Folder under which scan, work, output, results and logs live by default; "
+        "relative paths resolve against the config file's folder.",
+    )
+    paths: PathSettings = Field(PathSettings(), description="Where cases come from and where results go.")
+    case: CaseSettings = Field(CaseSettings(), description="What makes a case folder complete.")
+    interpreter: InterpreterSettings = Field(InterpreterSettings(), description="The clinic's interpreter.")
+    engine: EngineSettings = Field(EngineSettings(), description="The MOQUI engine.")
+    tps: TpsSettings = Field(TpsSettings(), description="Options written to every moqui_tps.in.")
+    backend: BackendSettings = Field(BackendSettings(), description="Where engines run, on which GPUs.")
+    ssh: SshSettings | None = Field(None, description="The GPU node over SSH (backend.kind: ssh).")
+    dicom: DicomSettings = Field(DicomSettings(), description="The RTDOSE files written.")
+    sensor: SensorSettings = Field(SensorSettings(), description="The file sensor and how many cases run.")
     _source: Path | None = PrivateAttr(None)  # the config file; relative paths resolve beside it
 
     @model_validator(mode="after")
@@ -452,12 +520,20 @@ class Settings(Strict):
     def output_dir(self, case_id: str) -> Path:
         return self._path(self.paths.output_dir, case_id=case_id)
 
-    def gpu_limit_name(self, index: int) -> str:
-        """The Prefect global concurrency limit that stands for one GPU (limit 1)."""
-        return f"gpu-{self.backend.host}-{index}"
+    @property
+    def required_ready_marker(self) -> str | None:
+        """The ready marker a case folder must hold; None for sources with a quiet period (no marker)."""
+        return self.case.ready_marker if self.sensor.quiet_seconds is None else None
 
-    def gpu_limit_names(self) -> list[str]:
-        return [self.gpu_limit_name(index) for index in self.backend.gpus]
+    @property
+    def case_flow_name(self) -> str:
+        """The flow of the case deployment ('process-case' of 'process-case/case')."""
+        return self.sensor.case_deployment.split("/", 1)[0]
+
+    @property
+    def case_deployment_name(self) -> str:
+        """The case deployment's own name ('case' of 'process-case/case')."""
+        return self.sensor.case_deployment.split("/", 1)[1]
 
     def max_running_cases(self) -> int:
         return self.sensor.max_running_cases or 2 * len(self.backend.gpus)

@@ -10,13 +10,14 @@ from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from config import ConfigError, Settings, load_settings
 from deployments.prefect_env import apply_server_defaults
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -24,12 +25,22 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from config.explain import described
+    from tasks.gpu.pool import GpuPool
+
     settings = _settings(args)
-    console.print(f"[green]config OK[/green]: {settings.source}")
-    console.print_json(settings.model_dump_json())
+    if args.json:
+        print(settings.model_dump_json(indent=2))
+        return 0
+    console.print(f"[green]config OK[/green]: {escape(settings.source)}")
+    for key, value, description in described(settings):
+        console.print(f"{escape(key)}: {escape(value)}  [dim]# {escape(description)}[/dim]")
+    pool = GpuPool.of(settings.backend)
     console.print(
-        f"data root: {settings.root}\nscan folder: {settings.scan_dir}\n"
-        f"engine folder: {settings.engine_dir}\nGPU limits: {', '.join(settings.gpu_limit_names())}"
+        escape(
+            f"data root: {settings.root}\nscan folder: {settings.scan_dir}\n"
+            f"engine folder: {settings.engine_dir}\nGPU limits: {', '.join(pool.limit_names())}"
+        )
     )
     return 0
 
@@ -48,7 +59,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 1 if found.problems else 0
     console.print(f"case [bold]{found.case_id}[/bold]  ({found.case_dir})")
     console.print(f"plan: {found.plan_path or 'not found'}")
-    console.print(f"ready marker {settings.case.ready_marker}: {'present' if found.ready else 'MISSING'}")
+    marker = settings.required_ready_marker
+    if marker is None:
+        console.print(
+            f"ready marker: not required (ready after sensor.quiet_seconds: "
+            f"{settings.sensor.quiet_seconds:g} s without changes)"
+        )
+    else:
+        console.print(f"ready marker {marker}: {'present' if found.ready else 'MISSING'}")
     table = Table("beam", "name", "gantry", "layers", "delivery folder", title="treatment beams")
     for beam in found.beams:
         table.add_row(
@@ -137,23 +155,26 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     """nvidia-smi on the GPU host (this machine or the node over SSH), and who holds each GPU's lease."""
     from dataclasses import asdict
 
-    from tasks.errors import PermanentError, ToolError
-    from tasks.gpu import ensure_gpu_limits, gpu_status
-    from tasks.nvidia_smi import GpuQueryError, gpu_report
+    from tasks.common.errors import PermanentError, ToolError
+    from tasks.gpu.limits import ensure_gpu_limits, gpu_status
+    from tasks.gpu.nvidia_smi import GpuQueryError, gpu_report
+    from tasks.gpu.pool import GpuPool
+    from tasks.prefect_api.secrets import secret_value
 
     settings = _settings(args)
+    pool = GpuPool.of(settings.backend)
     if args.action == "sync":  # the Prefect limits gpu-<host>-<index> for backend.gpus
-        done = ensure_gpu_limits(settings)
+        done = ensure_gpu_limits(pool)
         console.print("; ".join(f"{what}: {' '.join(names)}" for what, names in done.items() if names))
         return 0
     try:
-        report = gpu_report(settings)
+        report = gpu_report(settings, secret_value)
     except (GpuQueryError, PermanentError, ToolError) as error:
         err_console.print(f"[red]error[/red]: {error}")
         return 1
     leases = {}
     if os.environ.get("PREFECT_API_URL"):  # only a running server knows the leases
-        leases = {row["gpu"]: row for row in gpu_status(settings)}
+        leases = {row["gpu"]: row for row in gpu_status(pool)}
     if args.json:
         print(json.dumps({**asdict(report), "leases": list(leases.values())}, indent=2, default=str))
         return 0
@@ -197,13 +218,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from deployments.service import print_status
+    from deployments.queries import print_status
 
     return print_status(_settings(args), args.port, args.limit)
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    from deployments.service import start_rerun
+    from deployments.queries import start_rerun
 
     return start_rerun(_settings(args), args.port, args.case, args.beam, args.force, args.wait)
 
@@ -215,9 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
-    config_sub.add_parser("check", help="validate and print the effective configuration").set_defaults(
-        func=cmd_config_check
+    check = config_sub.add_parser(
+        "check", help="validate and print the effective configuration, each setting with its description"
     )
+    check.add_argument("--json", action="store_true", help="the effective configuration as JSON")
+    check.set_defaults(func=cmd_config_check)
 
     inspect = sub.add_parser("inspect", help="show what a case would do, without running anything")
     inspect.add_argument("case_dir")

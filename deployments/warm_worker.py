@@ -12,7 +12,7 @@ are not re-read (the fork server read them at start-up; MQI_* variables and the 
 environment do apply), and changes to code under tasks/ or config/ take effect when the
 worker restarts (the flow file itself is loaded afresh by every run). Both the worker
 and the runs' engines talk to the server through a client that retries a busy SQLite
-server within milliseconds (tasks/prefect_api.py).
+server within milliseconds (tasks/prefect_api/client.py).
 
     python -m deployments.warm_worker --pool mqi [--name NAME]
 """
@@ -36,7 +36,8 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
 from deployments.processes import stop_tree
-from tasks.prefect_api import async_api_client, flow_run_client_context
+from tasks.prefect_api.client import async_api_client, flow_run_client_context
+from tasks.prefect_api.internals import mark_flow_run_cancelled, replace_worker_client
 
 # What every flow run imports anyway: imported once, in the fork server.
 PRELOAD = ["prefect.engine", "prefect.flow_engine", "flows.case", "flows.sensor", "flows.gpu_monitor"]
@@ -72,7 +73,7 @@ class WarmProcessWorker(ProcessWorker):
         sat Pending for 30 s that way, holding one of the running-case places.
         """
         await super().setup()
-        self._client = await self._exit_stack.enter_async_context(async_api_client())
+        await replace_worker_client(self, async_api_client())
 
     async def run(
         self,
@@ -103,7 +104,7 @@ class WarmProcessWorker(ProcessWorker):
             if run.state_type == StateType.CANCELLING:
                 with anyio.CancelScope(shield=True):  # the run's end must not interrupt marking it
                     await anyio.to_thread.run_sync(partial(stop_tree, pid, kill_root=True))
-                    await self._mark_flow_run_as_cancelled(run)
+                    await mark_flow_run_cancelled(self, run)
                 return
 
 

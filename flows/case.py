@@ -5,7 +5,7 @@ each on its own GPU) -> convert (per beam, as each finishes) -> plan sum ->
 report. A failed beam does not stop the others; the run then ends Failed
 with a message naming the beam, and the finished beams' RTDOSE are kept.
 
-Finished simulations are reused (tasks/reuse.py): a new run of the case, or
+Finished simulations are reused (tasks/prefect_api/reuse.py): a new run of the case, or
 Retry of a failed run in the UI, simulates only the beams whose inputs changed,
 whose simulation failed, or that were asked for (`rerun_beams`, `force`).
 """
@@ -22,14 +22,20 @@ from prefect.states import Completed, Failed, State
 
 from config import Settings, load_settings
 from tasks.casefolder import Beam
-from tasks.convert import DoseOutput, convert_beam, convert_plan
+from tasks.common.errors import cause_of
+from tasks.common.labels import beam_subject
+from tasks.convert import convert_beam, convert_plan
 from tasks.discover import discover
-from tasks.gpu import ensure_gpu_limits
+from tasks.dose.outputs import DoseOutput
+from tasks.gpu.limits import ensure_gpu_limits
+from tasks.gpu.pool import GpuPool
 from tasks.interpret import interpret
-from tasks.report import BeamRow, report
-from tasks.reuse import beams_to_simulate_again, results_dir, simulation_cache_key
-from tasks.simulate import BeamResult, simulate
-from tasks.tps import BeamInput, write_tps
+from tasks.moqui.beam import BeamInput, BeamResult
+from tasks.outcome.summary import BeamRow
+from tasks.prefect_api.reuse import beams_to_simulate_again, results_dir, simulation_cache_key
+from tasks.report import report
+from tasks.simulate import simulate
+from tasks.tps import prepare_tps
 
 
 def case_run_name() -> str:
@@ -37,9 +43,13 @@ def case_run_name() -> str:
     return Path(flow_run.parameters["case_dir"]).name
 
 
-def _error_text(future: PrefectFuture) -> str:
+def _failure(future: PrefectFuture, subject: str) -> tuple[str, str]:
+    """(one-line cause, whole message) of a failed task run, the cause without `subject`."""
     error = future.result(raise_on_failure=False)
-    return str(error) if isinstance(error, BaseException) else (future.state.message or "failed")
+    if isinstance(error, BaseException):
+        return cause_of(error, subject), str(error)
+    message = future.state.message or "failed"
+    return message.splitlines()[0], message
 
 
 def simulation(settings: Settings, refresh: bool) -> Task[[Settings, BeamInput], BeamResult]:
@@ -64,12 +74,12 @@ def process_case(
     `rerun_beams`, or every beam with `force`.
     """
     settings = load_settings(config)
-    ensure_gpu_limits(settings)
+    ensure_gpu_limits(GpuPool.of(settings.backend))
     case = discover(settings, case_dir)
     csv_dir = interpret(settings, case)
     inputs = [
         future.result()
-        for future in write_tps.map(unmapped(settings), unmapped(case), case.beams, unmapped(csv_dir))
+        for future in prepare_tps.map(unmapped(settings), unmapped(case), case.beams, unmapped(csv_dir))
     ]
     again = beams_to_simulate_again(settings, inputs, rerun_beams or [], force)
     logger = get_run_logger()
@@ -83,6 +93,7 @@ def process_case(
     conversions: dict[int, PrefectFuture] = {}
     for future in as_completed(list(simulations)):
         beam = beam_of[future]
+        subject = beam_subject(case.case_id, beam.number, beam.name)
         future.wait()  # sets the final state locally; the API may not have it yet
         if future.state.is_completed():
             result = future.result()
@@ -97,8 +108,9 @@ def process_case(
                 duration_s=round(result.ended - result.started, 1),
             )
         else:
+            cause, message = _failure(future, subject)
             rows[beam.number] = BeamRow(
-                beam=beam.number, name=beam.name, state="Failed", message=_error_text(future)
+                beam=beam.number, name=beam.name, state="Failed", cause=cause, message=message
             )
 
     outputs: dict[int, DoseOutput] = {}
@@ -108,8 +120,10 @@ def process_case(
             outputs[number] = future.result()
             rows[number].output = Path(outputs[number].path).name
         else:
+            cause, message = _failure(future, beam_subject(case.case_id, number, rows[number].name))
             rows[number].state = "Failed"
-            rows[number].message = f"conversion failed: {_error_text(future)}"
+            rows[number].cause = f"conversion failed: {cause}"
+            rows[number].message = f"conversion failed: {message}"
 
     ordered = [rows[beam.number] for beam in case.beams]
     plan_sum = None

@@ -10,14 +10,15 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 
 from config import load_settings
-from tasks.gpu import gpu_status
+from tasks.gpu.limits import gpu_status
+from tasks.gpu.pool import GpuPool
 
 
 @flow(name="gpu-monitor", log_prints=True)
 def gpu_monitor(config: str | None = None) -> list[dict[str, object]]:
     """Publish the GPU table of the configured host; return its rows."""
     settings = load_settings(config)
-    rows = gpu_status(settings)
+    rows = gpu_status(GpuPool.of(settings.backend))
     busy = sum(1 for row in rows if row["state"] == "leased")
     create_table_artifact(
         rows, key=f"gpus-{settings.backend.host}", description=f"{busy}/{len(rows)} GPUs leased"

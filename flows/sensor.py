@@ -31,8 +31,9 @@ from prefect.states import AwaitingRetry
 
 from config import load_settings
 from config.settings import Settings
-from tasks.prefect_api import api_client
-from tasks.readiness import CaseWatcher, ReadyCase, room_tag, shown
+from tasks.prefect_api.client import api_client
+from tasks.scanfolder.folders import room_tag, shown
+from tasks.scanfolder.watcher import CaseWatcher, ReadyCase
 
 KEY_LOOKUP_CHUNK = 100  # idempotency keys per query when matching ready cases to existing runs
 
@@ -97,7 +98,7 @@ class FileSensor:
         self.client = client
         self.config = config
         self.watcher = CaseWatcher(settings)
-        self.flow_name = settings.sensor.case_deployment.split("/", 1)[0]
+        self.flow_name = settings.case_flow_name
         self.logger = get_run_logger()
         # The last complaint about each thing (a folder, the server), so a lasting problem is
         # logged once, not every poll; cleared when that thing works again.

@@ -1,6 +1,6 @@
 """Stand-in for mqi_interpreter: turns a case folder into per-layer spot CSVs.
 
-Same command line and output layout as the real tool (DOMAIN.md), so the orchestrator
+Same command line and output layout as the real tool, so the orchestrator
 cannot tell them apart:
 
     python -m standins.interpreter --logdir <case dir> --outputdir <out>
@@ -24,13 +24,8 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from standins.faults import Faults, act_out
-from tasks.casefolder import (
-    csv_dir_name,
-    energy_layers,
-    find_rtplans,
-    fraction_metersets,
-    setup_reason,
-)
+from tasks.casefolder.names import csv_dir_name
+from tasks.casefolder.plan import energy_layers, find_rtplans, fraction_metersets, setup_reason
 
 # Plausible delivery timing for the synthetic rows: a spot's dwell grows with its MU.
 MOVE_MS = 2.0

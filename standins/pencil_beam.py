@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.moqui_input import PhantomGrid
+from tasks.moqui.grid import PhantomGrid
 
 ALPHA_CM = 0.0022  # Bragg-Kleeman alpha for water, cm / MeV^p
 P_EXPONENT = 1.77  # Bragg-Kleeman exponent p for water

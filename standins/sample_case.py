@@ -1,4 +1,4 @@
-"""Write a synthetic but valid case folder (DOMAIN.md "A case folder").
+"""Write a synthetic but valid case folder: an RT Ion Plan and one delivery folder per beam.
 
 For demos, tests and benchmarks, where no patient data may be used. The output is
 deterministic for given arguments (UIDs derive from the case id and seed), and every
@@ -28,7 +28,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
-from tasks.casefolder import DEFAULT_READY_MARKER, PLANRANGE_HEADER, RT_ION_PLAN_SOP_CLASS
+from config.settings import DEFAULT_READY_MARKER
+from tasks.casefolder.deliveries import PLANRANGE_HEADER
+from tasks.casefolder.plan import RT_ION_PLAN_SOP_CLASS
 
 SCAN_MODES = ("MODULATED", "LINE")
 DEFAULT_GANTRY_ANGLES = (0.0, 90.0, 270.0, 180.0, 45.0, 315.0, 135.0, 225.0)

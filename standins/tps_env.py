@@ -40,9 +40,11 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from config.settings import OUTPUT_FORMATS
 from standins.faults import Faults, act_out
 from standins.pencil_beam import Layer, compute_dose
-from tasks.moqui_input import OUTPUT_FORMATS, PhantomGrid, TpsFormatError, read_tps
+from tasks.moqui.grid import PhantomGrid
+from tasks.moqui.tps_file import TpsFormatError, read_tps
 
 # Name of the dose file in OutputDir, e.g. "1G180:TX_2_Dose.raw". The beam name is
 # the plan's BeamName verbatim (':' kept); the orchestrator's own pattern is

@@ -1,4 +1,4 @@
-"""Prefect wrapper over case-folder discovery (tasks/casefolder.py)."""
+"""Prefect task: discovery of a case folder (tasks/casefolder), its beams and deliveries in the run log."""
 
 from __future__ import annotations
 
@@ -18,8 +18,11 @@ def discover(settings: Settings, case_dir: str) -> Case:
     The ready marker is required unless the sensor is configured with a quiet period:
     such sources write no marker.
     """
-    marker = settings.case.ready_marker if settings.sensor.quiet_seconds is None else None
-    case = discover_case(Path(case_dir), ready_marker=marker, delivery_policy=settings.case.delivery_policy)
+    case = discover_case(
+        Path(case_dir),
+        ready_marker=settings.required_ready_marker,
+        delivery_policy=settings.case.delivery_policy,
+    )
     logger = get_run_logger()
     for beam in case.beams:
         logger.info(

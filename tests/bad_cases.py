@@ -11,7 +11,7 @@ level says who must catch it:
 flow level) or in the sensor's report (for the sensor level). Builders write only under
 the scan folder they are given, except a link target in `outside(scan)`, its sibling.
 
-Names. A case id is untrusted text (DOMAIN.md), but never reaches a shell: every tool
+Names. A case id is untrusted text, but never reaches a shell: every tool
 is started with an argument list and absolute paths. So names with spaces, quotes, `;`,
 `$(...)`, backticks, unicode or a leading dash run like any other case (a clinic wants
 its cases recalculated, not renamed); the shell-like ones carry a harmless `touch
@@ -38,7 +38,7 @@ import pydicom
 
 from config import Settings, load_settings
 from tasks.casefolder import inspect_case
-from tasks.readiness import CaseWatcher
+from tasks.scanfolder.watcher import CaseWatcher
 from tests.case_edits import delivery_of, drop_last_layer_row, plan_file, set_planinfo
 from tests.service_stack import REPO_ROOT, small_case, without_privileges
 

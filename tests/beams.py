@@ -3,35 +3,52 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from config import Settings
 from standins.sample_case import write_sample_case
 from tasks.backends import Backend, Followed, follow
+from tasks.backends.adopt import TakeGpu
 from tasks.casefolder import discover_case
-from tasks.interpret import run_interpreter
-from tasks.tps import BeamInput, with_gpu, write_beam_input
+from tasks.gpu.broker import gpu_lease
+from tasks.gpu.pool import GpuPool, SkipReason
+from tasks.interpreter.run import run_interpreter
+from tasks.moqui.beam import BeamInput
+from tasks.moqui.inputs import beam_input
 
 
 def prepare_beams(settings: Settings, case_id: str, beams: int = 1) -> list[BeamInput]:
-    """A sample case interpreted and its moqui_tps.in files written: what `simulate` receives."""
+    """A sample case interpreted and its beams' engine inputs prepared: what `simulate` receives."""
     case_dir = write_sample_case(settings.scan_dir, case_id, beams=beams)
     case = discover_case(case_dir, ready_marker=settings.case.ready_marker)
     csv_dir = run_interpreter(settings, case)
-    return [write_beam_input(settings, case, beam, csv_dir) for beam in case.beams]
+    return [beam_input(settings, case, beam, csv_dir) for beam in case.beams]
 
 
 def launch(backend: Backend, beam: BeamInput, gpu: int = 0):
     """Stage and launch one beam's job on `gpu` (what simulate does under a GPU lease)."""
     backend.stage(beam)
-    with_gpu(Path(beam.tps_path), gpu)
-    return backend.launch(beam, gpu)
+    return backend.launch(beam, gpu, backend.engine_argv(beam, gpu))
 
 
 def run_beam(backend: Backend, beam: BeamInput, gpu: int = 0) -> Followed:
     """Launch one beam and follow it to its end."""
     job = launch(backend, beam, gpu)
     return follow(backend, job, backend.engine_argv(beam, gpu), Path(beam.beam_dir) / "engine.log")
+
+
+def server_gpus(settings: Settings) -> TakeGpu:
+    """GPUs leased on the Prefect server, as the simulate task holds them."""
+    pool = GpuPool.of(settings.backend)
+
+    def take_gpu(
+        *, only: Sequence[int] | None = None, skip: SkipReason | None = None
+    ) -> AbstractContextManager[int]:
+        return gpu_lease(pool, only=only, skip=skip)
+
+    return take_gpu
 
 
 def launches(log: Path, since: int = 0) -> dict[str, int]:

@@ -25,7 +25,8 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort
 
 from config import Settings
-from tasks.convert import beam_file_stem
+from tasks.dose.outputs import beam_file_stem
+from tasks.gpu.pool import GpuPool
 
 
 def tree_hash(root: Path) -> dict[str, str]:
@@ -90,7 +91,7 @@ def taken_gpu_slots(settings: Settings) -> dict[str, int]:
     """GPU limit name -> active slots, for every configured GPU whose slot is taken."""
     with get_client(sync_client=True) as client:
         limits = {limit.name: limit for limit in client.read_global_concurrency_limits(limit=200)}
-    names = settings.gpu_limit_names()
+    names = GpuPool.of(settings.backend).limit_names()
     missing = [name for name in names if name not in limits]
     assert not missing, f"GPU limits missing on the server: {missing}"
     return {name: limits[name].active_slots for name in names if limits[name].active_slots}

@@ -25,7 +25,7 @@ from prefect.settings import PREFECT_API_URL
 
 from config import load_settings
 from deployments.processes import stop_tree
-from deployments.service import (
+from deployments.server import (
     REPO_ROOT,
     deploy,
     ensure_work_pool,
@@ -33,7 +33,8 @@ from deployments.service import (
     work_queues,
 )
 from standins.sample_case import write_sample_case
-from tasks.gpu import ensure_gpu_limits
+from tasks.gpu.limits import ensure_gpu_limits
+from tasks.gpu.pool import GpuPool
 from tests.conftest import write_config
 
 T = TypeVar("T")
@@ -145,7 +146,9 @@ class Stack:
         with get_client(sync_client=True) as client:
             ensure_work_pool(client, self.pool)
             limit_case_queue(client, self.settings, CASES_AT_ONCE)
-        ensure_gpu_limits(self.settings)  # as `mqi up` does; every test config uses these GPUs
+        ensure_gpu_limits(
+            GpuPool.of(self.settings.backend)
+        )  # as `mqi up` does; every test config uses these GPUs
         deploy(self.api)
         env = {**self.env(), "PREFECT_WORKER_QUERY_SECONDS": "0.5"}
         argv = [sys.executable, "-m", "deployments.warm_worker", "--pool", self.pool]  # as `mqi up` starts it

@@ -23,7 +23,7 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from config import load_settings
 from deployments.processes import stop_tree
 from tasks.casefolder import discover_case
-from tasks.readiness import shown
+from tasks.scanfolder.folders import shown
 from tests.bad_cases import (
     BAD_CASES,
     FLOW_CASES,

@@ -15,8 +15,8 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from config import load_settings
 from flows.case import process_case
 from standins.sample_case import write_sample_case
-from tasks.report import artifact_key
-from tasks.rtdose import read_dose_gy
+from tasks.dose.read import read_dose_gy
+from tasks.outcome.summary import artifact_key
 from tests.beams import launches
 from tests.conftest import write_config
 from tests.sshd import FIXTURES

@@ -9,6 +9,7 @@ import pytest
 
 from deployments.cli import main
 from standins.sample_case import write_sample_case
+from tests.conftest import write_config
 
 
 def test_inspect_json_describes_a_good_case(tmp_path, capsys):
@@ -44,6 +45,25 @@ def test_config_check_prints_effective_config(config_file, capsys):
     assert main(["--config", str(config_file), "config", "check"]) == 0
     out = capsys.readouterr().out
     assert "config OK" in out and "gpu-test-0" in out
+
+
+def test_config_check_describes_every_setting(config_file, capsys):
+    assert main(["--config", str(config_file), "config", "check"]) == 0
+    out = capsys.readouterr().out
+    assert "engine.timeout_seconds: 120.0  # A beam's engine run is killed after this." in out
+    assert "tps.phantom.dims: [40, 40, 40]  # Voxels in x, y, z." in out
+    assert main(["--config", str(config_file), "config", "check", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"]["host"] == "test"
+
+
+def test_inspect_does_not_ask_for_a_marker_where_a_quiet_period_makes_cases_ready(tmp_path, capsys):
+    config = write_config(tmp_path, {"sensor": {"quiet_seconds": 30}})
+    case_dir = write_sample_case(tmp_path, "QUIET", beams=1, ready_marker=None)
+    assert main(["--config", str(config), "inspect", str(case_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "ready marker: not required" in out and "30 s without changes" in out and "MISSING" not in out
+    assert main(["inspect", str(case_dir)]) == 0  # the default config asks for the marker
+    assert "ready marker _CASE_READY: MISSING" in capsys.readouterr().out
 
 
 def test_sample_case_command(tmp_path, capsys):

@@ -6,6 +6,7 @@ import pytest
 
 from config import ConfigError, load_settings
 from config.loader import DEFAULT_CONFIG
+from tasks.gpu.pool import GpuPool
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -19,7 +20,7 @@ def test_default_config_loads_and_resolves_paths_beside_the_file():
     assert settings.root == (DEFAULT_CONFIG.parent / "../data").resolve()
     assert settings.scan_dir == settings.root / "scan"
     assert settings.work_dir("C1") == settings.root / "work" / "C1"
-    assert settings.gpu_limit_names() == ["gpu-local-0", "gpu-local-1", "gpu-local-2"]
+    assert GpuPool.of(settings.backend).limit_names() == ["gpu-local-0", "gpu-local-1", "gpu-local-2"]
 
 
 def test_unknown_key_is_named_with_file(tmp_path):

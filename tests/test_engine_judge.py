@@ -1,11 +1,12 @@
-"""Deciding an engine run's outcome from exit code, log markers and the dose file (DOMAIN.md)."""
+"""Deciding an engine run's outcome from exit code, log markers and the dose file."""
 
 from pathlib import Path
 
 import pytest
 
-from tasks.engine import every, judge, progress_of
-from tasks.toolrun import ToolRun
+from tasks.common.throttle import every
+from tasks.common.toolrun import ToolRun
+from tasks.moqui.judge import judge, progress_of
 
 
 def run(code, timed_out=False):
@@ -25,11 +26,13 @@ def run(code, timed_out=False):
     ],
 )
 def test_outcomes(settings, code, lines, failure, done):
-    assert judge(run(code), lines, settings) == (failure, done)
+    assert judge(run(code), lines, settings.engine) == (failure, done)
 
 
 def test_timeout_wins(settings):
-    failure, _ = judge(run(-15, timed_out=True), ["Generating particles for (1 of 4 batches)"], settings)
+    failure, _ = judge(
+        run(-15, timed_out=True), ["Generating particles for (1 of 4 batches)"], settings.engine
+    )
     assert failure == "engine did not finish within 120 s and was killed"
 
 
@@ -39,7 +42,7 @@ def test_progress_lines():
 
 
 def test_no_exit_code_is_a_failure(settings):
-    failure, _ = judge(run(None), ["Generating particles for (1 of 4 batches)"], settings)
+    failure, _ = judge(run(None), ["Generating particles for (1 of 4 batches)"], settings.engine)
     assert failure == "engine ended without an exit code"
 
 

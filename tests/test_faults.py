@@ -32,9 +32,9 @@ from prefect.states import State
 from config import Settings, load_settings
 from deployments.cli import main
 from deployments.processes import process_alive
-from deployments.service import REPO_ROOT
+from deployments.server import REPO_ROOT
 from flows.case import process_case
-from tasks.report import artifact_key
+from tasks.outcome.summary import artifact_key
 from tests.conftest import write_config
 from tests.invariants import Watched, check_invariants, engine_launches, newest_case_run, watch
 from tests.local_server import LocalServer, pointed_at
@@ -361,7 +361,7 @@ def test_disk_full_during_download_then_space_returns(
         case,
         state=StateType.FAILED,
         launches={2: 1, 3: 1},  # the download failed, not the engine: it is not run again
-        causes=("beam 2 (1G000:TX) failed", "case DISK-FULL: beam 2 (1G000:TX): cannot store the dose here"),
+        causes=("beam 2 (1G000:TX) failed: cannot store the dose here",),
         done=(3,),
     )
     message = newest_case_run(case.case_id).state.message

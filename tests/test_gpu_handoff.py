@@ -10,8 +10,8 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from tasks import gpu_handoff
-from tasks.gpu_handoff import HandoffPoint, Offer, offer
+from tasks.gpu import handoff as gpu_handoff
+from tasks.gpu.handoff import HandoffPoint, Offer, offer
 
 
 class Receiver:

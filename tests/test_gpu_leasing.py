@@ -19,10 +19,14 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFi
 
 from config import load_settings
 from standins.sample_case import write_sample_case
-from tasks import gpu as gpu_module
-from tasks import gpu_wakeup
-from tasks.gpu import GpuLimitMissing, ensure_gpu_limits, gpu_lease, gpu_status
-from tasks.moqui_input import read_tps
+from tasks.gpu import broker as broker_module
+from tasks.gpu import events as gpu_event_names
+from tasks.gpu import lease as lease_module
+from tasks.gpu import wakeup as gpu_wakeup
+from tasks.gpu.broker import gpu_lease
+from tasks.gpu.limits import GpuLimitMissing, ensure_gpu_limits, gpu_status
+from tasks.gpu.pool import GpuPool
+from tasks.moqui.tps_file import read_tps
 from tests.conftest import write_config
 from tests.local_server import LocalServer, pointed_at
 from tests.service_stack import wait_for
@@ -32,12 +36,13 @@ pytestmark = pytest.mark.integration
 HOLDER = """
 import sys
 from config import load_settings
-from tasks.gpu import gpu_lease
-from tasks.gpu_wakeup import release_signal
+from tasks.gpu.broker import gpu_lease
+from tasks.gpu.wakeup import release_signal
+from tasks.gpu.pool import GpuPool
 from tests.service_stack import wait_for
 settings = load_settings(sys.argv[1], env={})
 to_a_waiter = sys.argv[3:] == ["--to-a-waiter"]
-with gpu_lease(settings, who={"case_id": "HOLDER", "beam": sys.argv[2]}) as gpu:
+with gpu_lease(GpuPool.of(settings.backend), who={"case_id": "HOLDER", "beam": sys.argv[2]}) as gpu:
     signal = release_signal(settings.backend.host)
     if to_a_waiter:  # hears who waits from now on
         wait_for("the GPU events to be followed", lambda: signal.following)
@@ -66,7 +71,12 @@ def use_server(server) -> Iterator[LocalServer]:
 
 def leased(settings, index: int) -> bool:
     with get_client(sync_client=True) as client:
-        return client.read_global_concurrency_limit_by_name(settings.gpu_limit_name(index)).active_slots > 0
+        return (
+            client.read_global_concurrency_limit_by_name(
+                GpuPool.of(settings.backend).limit_name(index)
+            ).active_slots
+            > 0
+        )
 
 
 def start_holder(server: LocalServer, config: Path, beam: str, *options: str) -> subprocess.Popen[str]:
@@ -135,13 +145,16 @@ def test_three_cases_of_four_beams_share_two_gpus_without_overlap(use_server, tm
 
 def test_missing_limit_is_an_error_not_an_unlimited_run(use_server, tmp_path):
     settings = load_settings(write_config(tmp_path, {"backend": {"host": "nolimits", "gpus": [0]}}), env={})
-    with pytest.raises(GpuLimitMissing, match="gpu-nolimits-0 do not exist"), gpu_lease(settings):
+    with (
+        pytest.raises(GpuLimitMissing, match="gpu-nolimits-0 do not exist"),
+        gpu_lease(GpuPool.of(settings.backend)),
+    ):
         pass
 
 
 def test_gpu_in_use_by_others_is_passed_over(use_server, tmp_path):
     settings = load_settings(write_config(tmp_path, {"backend": {"host": "foreign", "gpus": [0, 1]}}), env={})
-    ensure_gpu_limits(settings)
+    ensure_gpu_limits(GpuPool.of(settings.backend))
     asked = threading.Semaphore(0)
 
     def skip(index: int) -> str | None:
@@ -151,8 +164,8 @@ def test_gpu_in_use_by_others_is_passed_over(use_server, tmp_path):
         return None
 
     got: list[int] = []
-    with gpu_lease(settings, only=[1]):  # GPU 0 looks free to Prefect, GPU 1 we hold here
-        wait_for_gpu = lambda: got.append(gpu_lease(settings, skip=skip).__enter__())  # noqa: E731
+    with gpu_lease(GpuPool.of(settings.backend), only=[1]):  # GPU 0 looks free to Prefect, GPU 1 we hold here
+        wait_for_gpu = lambda: got.append(gpu_lease(GpuPool.of(settings.backend), skip=skip).__enter__())  # noqa: E731
         waiter = threading.Thread(target=contextvars.copy_context().run, args=(wait_for_gpu,))
         waiter.start()
         for _ in range(3):  # the waiter has looked at GPU 0 three times and passed it over
@@ -165,11 +178,12 @@ def test_gpu_in_use_by_others_is_passed_over(use_server, tmp_path):
 def test_killed_holder_gpu_returns_after_its_lease_expires(use_server, tmp_path):
     config = write_config(tmp_path, {"backend": {"host": "killed", "gpus": [0], "gpu_lease_seconds": 60}})
     settings = load_settings(config, env={})
-    ensure_gpu_limits(settings)
+    ensure_gpu_limits(GpuPool.of(settings.backend))
     first = start_holder(use_server, config, "1")
     assert first.stdout.readline().strip() == "holding 0"
     status = wait_for(
-        "the holder in the GPU status", lambda: (row := gpu_status(settings)[0])["case"] == "HOLDER" and row
+        "the holder in the GPU status",
+        lambda: (row := gpu_status(GpuPool.of(settings.backend))[0])["case"] == "HOLDER" and row,
     )
     assert status["state"] == "leased" and status["beam"] == "1" and status["since"]
     first.kill()  # SIGKILL: no release, no more renewals
@@ -186,7 +200,7 @@ def test_killed_holder_gpu_returns_after_its_lease_expires(use_server, tmp_path)
 def test_server_restart_while_a_gpu_is_held_leaks_no_slot(use_server, tmp_path):
     config = write_config(tmp_path, {"backend": {"host": "restart", "gpus": [0]}})
     settings = load_settings(config, env={})
-    ensure_gpu_limits(settings)
+    ensure_gpu_limits(GpuPool.of(settings.backend))
     holder = start_holder(use_server, config, "1")
     try:
         assert holder.stdout.readline().strip() == "holding 0"
@@ -207,7 +221,7 @@ def test_release_in_another_process_wakes_the_waiter_through_the_event_stream(
     monkeypatch.setattr(gpu_wakeup, "FALLBACK_SECONDS", 600)
     config = write_config(tmp_path, {"backend": {"host": "wakeup", "gpus": [0]}})
     settings = load_settings(config, env={})
-    ensure_gpu_limits(settings)
+    ensure_gpu_limits(GpuPool.of(settings.backend))
     signal = gpu_wakeup.release_signal("wakeup")
     signal.follow()
     assert wait_for("the release events to be followed", lambda: signal.following)
@@ -218,7 +232,7 @@ def test_release_in_another_process_wakes_the_waiter_through_the_event_stream(
     got: list[int] = []
 
     def take() -> None:
-        with gpu_lease(settings) as gpu:
+        with gpu_lease(GpuPool.of(settings.backend)) as gpu:
             got.append(gpu)
 
     try:
@@ -236,7 +250,7 @@ def test_release_in_another_process_wakes_the_waiter_through_the_event_stream(
 
 def test_beam_ending_while_another_of_its_process_waits_hands_its_gpu_over(use_server, tmp_path, monkeypatch):
     settings = load_settings(write_config(tmp_path, {"backend": {"host": "handoff", "gpus": [0]}}), env={})
-    ensure_gpu_limits(settings)
+    ensure_gpu_limits(GpuPool.of(settings.backend))
     signal = gpu_wakeup.release_signal("handoff")
     waiting = threading.Event()
     wait = signal.wait
@@ -244,10 +258,10 @@ def test_beam_ending_while_another_of_its_process_waits_hands_its_gpu_over(use_s
     got: list[tuple[int, bool]] = []
 
     def second() -> None:
-        with gpu_lease(settings, who={"case_id": "C", "beam": "2"}) as gpu:
+        with gpu_lease(GpuPool.of(settings.backend), who={"case_id": "C", "beam": "2"}) as gpu:
             got.append((gpu, leased(settings, gpu)))
 
-    with gpu_lease(settings, who={"case_id": "C", "beam": "1"}):
+    with gpu_lease(GpuPool.of(settings.backend), who={"case_id": "C", "beam": "1"}):
         waiter = threading.Thread(target=contextvars.copy_context().run, args=(second,))
         waiter.start()
         assert waiting.wait(timeout=60)  # beam 2 waits for the only GPU
@@ -276,7 +290,7 @@ def gpu_events(resource: str) -> list[tuple[str, dict]]:
     with get_client(sync_client=True) as client:
         page = client.read_events(
             filter=EventFilter(
-                event=EventNameFilter(name=["mqi.gpu.leased", gpu_wakeup.RELEASED]),
+                event=EventNameFilter(name=["mqi.gpu.leased", gpu_event_names.RELEASED]),
                 resource=EventResourceFilter(id=[resource]),
             ),
             limit=20,
@@ -288,12 +302,12 @@ def test_a_process_on_this_machine_that_waits_gets_the_lease_straight_from_the_h
     """No release to the server in between: the slot stays taken, only its holder changes."""
     config = write_config(tmp_path, {"backend": {"host": "direct", "gpus": [0]}})
     settings = load_settings(config, env={})
-    ensure_gpu_limits(settings)
+    ensure_gpu_limits(GpuPool.of(settings.backend))
     holder = start_holder(use_server, config, "1", "--to-a-waiter")
     got: list[tuple[int, bool]] = []
 
     def take() -> None:
-        with gpu_lease(settings, who={"case_id": "C", "beam": "2"}) as gpu:
+        with gpu_lease(GpuPool.of(settings.backend), who={"case_id": "C", "beam": "2"}) as gpu:
             got.append((gpu, leased(settings, gpu)))
 
     try:
@@ -315,16 +329,22 @@ def test_a_process_on_this_machine_that_waits_gets_the_lease_straight_from_the_h
         ("mqi.gpu.leased", "2"),
         ("mqi.gpu.released", "2"),
     ]
-    assert events[1][1][gpu_wakeup.HANDED_OVER] is True  # woke nobody: the slot was still taken
+    assert events[1][1][gpu_event_names.HANDED_OVER] is True  # woke nobody: the slot was still taken
     assert events[0][1]["lease_id"] == events[2][1]["lease_id"]  # one server lease, two processes
-    assert gpu_wakeup.HANDED_OVER not in events[3][1]
+    assert gpu_event_names.HANDED_OVER not in events[3][1]
 
 
 def test_sync_creates_updates_and_disables(use_server, tmp_path):
-    four = load_settings(write_config(tmp_path, {"backend": {"host": "sync", "gpus": [0, 1, 2, 3]}}), env={})
-    assert ensure_gpu_limits(four)["created"] == four.gpu_limit_names()
-    assert ensure_gpu_limits(four)["unchanged"] == four.gpu_limit_names()  # idempotent
-    two = load_settings(write_config(tmp_path, {"backend": {"host": "sync", "gpus": [0, 1]}}), env={})
+    four = GpuPool.of(
+        load_settings(
+            write_config(tmp_path, {"backend": {"host": "sync", "gpus": [0, 1, 2, 3]}}), env={}
+        ).backend
+    )
+    assert ensure_gpu_limits(four)["created"] == four.limit_names()
+    assert ensure_gpu_limits(four)["unchanged"] == four.limit_names()  # idempotent
+    two = GpuPool.of(
+        load_settings(write_config(tmp_path, {"backend": {"host": "sync", "gpus": [0, 1]}}), env={}).backend
+    )
     assert ensure_gpu_limits(two)["disabled"] == ["gpu-sync-2", "gpu-sync-3"]
     with get_client(sync_client=True) as client:
         assert not client.read_global_concurrency_limit_by_name("gpu-sync-3").active
@@ -336,7 +356,7 @@ def test_gpu_monitor_publishes_the_gpu_table(use_server, tmp_path):
     from flows.gpu_monitor import gpu_monitor
 
     config = write_config(tmp_path, {"backend": {"host": "monitor", "gpus": [0, 1]}})
-    ensure_gpu_limits(load_settings(config, env={}))
+    ensure_gpu_limits(GpuPool.of(load_settings(config, env={}).backend))
     holder = start_holder(use_server, config, "2 (1G000:TX)")  # another process, as in production
     try:
         held = int(holder.stdout.readline().strip().removeprefix("holding "))
@@ -356,7 +376,7 @@ def test_gpu_monitor_publishes_the_gpu_table(use_server, tmp_path):
 
 def waiting_beams(settings) -> int:
     """How many beams of this process wait for a GPU of the configured host."""
-    broker = gpu_module._broker(settings.backend.host)
+    broker = broker_module._broker(GpuPool.of(settings.backend))
     with broker._cond:
         return len(broker._waiting)
 
@@ -369,14 +389,14 @@ def in_thread(target) -> threading.Thread:
 
 def test_waiting_beams_of_a_process_get_the_gpu_in_arrival_order(use_server, tmp_path):
     settings = load_settings(write_config(tmp_path, {"backend": {"host": "order", "gpus": [0]}}), env={})
-    ensure_gpu_limits(settings)
+    ensure_gpu_limits(GpuPool.of(settings.backend))
     order: list[str] = []
 
     def beam(name: str) -> None:
-        with gpu_lease(settings, who={"case_id": "C", "beam": name}):
+        with gpu_lease(GpuPool.of(settings.backend), who={"case_id": "C", "beam": name}):
             order.append(name)
 
-    with gpu_lease(settings, who={"case_id": "C", "beam": "first"}):
+    with gpu_lease(GpuPool.of(settings.backend), who={"case_id": "C", "beam": "first"}):
         waiters = []
         for k, name in enumerate(["a", "b", "c"], start=1):
             waiters.append(in_thread(lambda name=name: beam(name)))
@@ -390,9 +410,9 @@ def test_waiting_beams_of_a_process_get_the_gpu_in_arrival_order(use_server, tmp
 def test_a_gpu_is_handed_over_while_the_server_is_slow_to_answer(use_server, tmp_path, monkeypatch):
     """Under load a read of the limits took 1.5 s; the beam that ends must not wait for it."""
     settings = load_settings(write_config(tmp_path, {"backend": {"host": "slow", "gpus": [0]}}), env={})
-    ensure_gpu_limits(settings)
+    ensure_gpu_limits(GpuPool.of(settings.backend))
     slow, in_read, answer = threading.Event(), threading.Event(), threading.Event()
-    free_gpus = gpu_module._free_gpus
+    free_gpus = lease_module._free_gpus
 
     def slow_read(*args) -> list[int]:
         if slow.is_set() and not in_read.is_set():
@@ -400,14 +420,14 @@ def test_a_gpu_is_handed_over_while_the_server_is_slow_to_answer(use_server, tmp
             assert answer.wait(timeout=60)
         return free_gpus(*args)
 
-    monkeypatch.setattr(gpu_module, "_free_gpus", slow_read)
+    monkeypatch.setattr(lease_module, "_free_gpus", slow_read)
     got = threading.Event()
 
     def second() -> None:
-        with gpu_lease(settings, who={"case_id": "C", "beam": "2"}):
+        with gpu_lease(GpuPool.of(settings.backend), who={"case_id": "C", "beam": "2"}):
             got.set()
 
-    with gpu_lease(settings, who={"case_id": "C", "beam": "1"}):
+    with gpu_lease(GpuPool.of(settings.backend), who={"case_id": "C", "beam": "1"}):
         slow.set()
         waiter = in_thread(second)
         assert in_read.wait(timeout=60)  # the server is asked for beam 2 and has not answered
@@ -422,24 +442,24 @@ def test_a_gpu_is_handed_over_while_the_server_is_slow_to_answer(use_server, tmp
 def test_one_read_serves_every_waiting_beam_and_takes_no_more(use_server, tmp_path, monkeypatch):
     config = write_config(tmp_path, {"backend": {"host": "batch", "gpus": [0, 1, 2]}})
     settings = load_settings(config, env={})
-    ensure_gpu_limits(settings)
+    ensure_gpu_limits(GpuPool.of(settings.backend))
     reads, increments = [], []
     queued = threading.Event()
-    free_gpus, try_acquire = gpu_module._free_gpus, gpu_module._try_acquire
+    free_gpus, try_acquire = lease_module._free_gpus, lease_module._try_acquire
 
     def counted_read(*args) -> list[int]:
         assert queued.wait(timeout=60)  # answer once both beams wait
         reads.append(1)
         return free_gpus(*args)
 
-    monkeypatch.setattr(gpu_module, "_free_gpus", counted_read)
-    counted_increment = lambda *args: increments.append(args[1]) or try_acquire(*args)  # noqa: E731
-    monkeypatch.setattr(gpu_module, "_try_acquire", counted_increment)
+    monkeypatch.setattr(lease_module, "_free_gpus", counted_read)
+    counted_increment = lambda *args: increments.append(args[1].limit_name(args[2])) or try_acquire(*args)  # noqa: E731
+    monkeypatch.setattr(lease_module, "_try_acquire", counted_increment)
     got: list[int] = []
     both_hold = threading.Barrier(3)
 
     def beam() -> None:
-        with gpu_lease(settings) as index:
+        with gpu_lease(GpuPool.of(settings.backend)) as index:
             got.append(index)
             both_hold.wait(timeout=60)
 
@@ -460,9 +480,9 @@ def test_a_handed_over_gpu_wakes_no_other_process(use_server):
     signal.follow()
     assert wait_for("the release events to be followed", lambda: signal.following)
     seen = signal.count()
-    resource = {"prefect.resource.id": gpu_wakeup.gpu_resource("quiet", 0)}
-    emit_event(gpu_wakeup.RELEASED, resource=resource, payload={gpu_wakeup.HANDED_OVER: True})
-    emit_event(gpu_wakeup.RELEASED, resource=resource, payload={"case_id": "C"})  # sent after it
+    resource = {"prefect.resource.id": GpuPool("quiet", (0,), 60).resource(0)}
+    emit_event(gpu_event_names.RELEASED, resource=resource, payload={gpu_event_names.HANDED_OVER: True})
+    emit_event(gpu_event_names.RELEASED, resource=resource, payload={"case_id": "C"})  # sent after it
     wait_for("the plain release to wake the waiters", lambda: signal.count() > seen)
     assert signal.count() == seen + 1
 
@@ -473,18 +493,18 @@ def test_a_release_is_first_for_the_process_that_has_waited_longest(use_server, 
     signal = gpu_wakeup.release_signal("turns")
     signal.follow()
     assert wait_for("the release events to be followed", lambda: signal.following)
-    gpu = {"prefect.resource.id": gpu_wakeup.gpu_resource("turns", 0)}
+    gpu = {"prefect.resource.id": GpuPool("turns", (0,), 60).resource(0)}
     queue = {"prefect.resource.id": "mqi.gpu.turns.waiting"}
 
     def other_waits(since: float | None) -> None:
         """Another process says since when its first beam waits (None: no beam waits any more)."""
-        emit_event(gpu_wakeup.WAITING, resource=queue, payload={"process": "other", "since": since})
+        emit_event(gpu_event_names.WAITING, resource=queue, payload={"process": "other", "since": since})
 
     def releases(count: int) -> int:
         """`count` GPUs are released (heard after what was sent before); the count before them."""
         seen = signal.count()
         for _ in range(count):
-            emit_event(gpu_wakeup.RELEASED, resource=gpu, payload={})
+            emit_event(gpu_event_names.RELEASED, resource=gpu, payload={})
         wait_for("the releases", lambda: signal.count() >= seen + count)
         return seen
 
@@ -515,7 +535,7 @@ def test_processes_of_this_machine_that_waited_longer_are_offered_a_gpu_first(us
 
     def waits(process: str, node: str, since: float | None) -> None:
         payload = {"process": process, "node": node, "since": since}
-        emit_event(gpu_wakeup.WAITING, resource=queue, payload=payload)
+        emit_event(gpu_event_names.WAITING, resource=queue, payload=payload)
 
     waits("late", gpu_wakeup.NODE, 300.0)
     waits("early", gpu_wakeup.NODE, 100.0)

@@ -15,11 +15,11 @@ import pytest
 
 from config import load_settings
 from tasks.backends import Job, JobState, follow
+from tasks.backends.adopt import attempt_log
 from tasks.backends.base import probe_script
 from tasks.backends.local import LocalBackend
-from tasks.engine import judge, verify_dose
-from tasks.errors import PermanentError
-from tasks.simulate import attempt_log
+from tasks.common.errors import PermanentError
+from tasks.moqui.judge import judge, verify_dose
 from tests.beams import launch, launches, prepare_beams, run_beam
 from tests.conftest import write_config
 from tests.service_stack import wait_for
@@ -60,8 +60,8 @@ def test_job_record_running_then_finished_and_found_again(backend, settings, tmp
     assert found.state is JobState.RUNNING and found.pid == job.pid and found.gpu == 1
     followed = follow(backend, found, backend.engine_argv(beam, 1), tmp_path / "adopted.log")
     assert followed.job.state is JobState.FINISHED_OK and followed.job.exit_code == 0
-    assert judge(followed.run, followed.lines, settings) == (None, True)
-    assert verify_dose(settings, beam) is None
+    assert judge(followed.run, followed.lines, settings.engine) == (None, True)
+    assert verify_dose(beam, raw=True) is None
     assert "Total execution time" in (tmp_path / "adopted.log").read_text()
     assert backend.lookup(beam).state is JobState.FINISHED_OK
     assert launches(launch_log) == {"2": 1}
@@ -77,7 +77,7 @@ def test_engine_exceeding_its_timeout_is_killed(tmp_path, monkeypatch):
     [beam] = prepare_beams(settings, "LOCAL-HANG")
     followed = run_beam(LocalBackend(settings), beam)
     assert followed.job.state is JobState.FINISHED_FAILED and followed.job.timed_out
-    failure, _ = judge(followed.run, followed.lines, settings)
+    failure, _ = judge(followed.run, followed.lines, settings.engine)
     assert failure == "engine did not finish within 1 s and was killed"
 
 

@@ -10,7 +10,7 @@ import pytest
 from config import load_settings
 from deployments.cli import main
 from tasks.backends.local import LocalBackend
-from tasks.nvidia_smi import (
+from tasks.gpu.nvidia_smi import (
     BusyGpus,
     GpuQueryError,
     backend_runner,

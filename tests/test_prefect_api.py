@@ -22,8 +22,8 @@ from prefect.settings import (
     temporary_settings,
 )
 
-from tasks import prefect_api
-from tasks.prefect_api import AsyncBusyRetryTransport, BusyRetryTransport
+from tasks.prefect_api import client as prefect_api
+from tasks.prefect_api.client import AsyncBusyRetryTransport, BusyRetryTransport
 
 END = "-----END CERTIFICATE-----\n"
 

@@ -1,4 +1,4 @@
-"""Readiness and case keys (tasks/readiness.py), on real folders with a fake clock: no server."""
+"""Readiness and case keys (tasks/scanfolder), on real folders with a fake clock: no server."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from config import ConfigError, load_settings
-from tasks import readiness
-from tasks.readiness import CaseWatcher, case_key, list_files, room_tag
+from tasks.scanfolder import watcher as readiness
+from tasks.scanfolder.contents import case_key, list_files
+from tasks.scanfolder.folders import room_tag
+from tasks.scanfolder.watcher import CaseWatcher
 from tests.conftest import write_config
 from tests.service_stack import small_case
 

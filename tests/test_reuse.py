@@ -1,4 +1,4 @@
-"""Which stored beam simulations a rerun may reuse (tasks/reuse.py): plain files, no server."""
+"""Which stored beam simulations a rerun may reuse (tasks/prefect_api/reuse.py): plain files, no server."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore
 
-from tasks.reuse import beams_to_simulate_again, results_dir, simulation_key, stale_reason
-from tasks.simulate import BeamResult
-from tasks.tps import BeamInput
+from tasks.moqui.beam import BeamInput, BeamResult
+from tasks.moqui.grid import PhantomGrid
+from tasks.prefect_api.reuse import beams_to_simulate_again, results_dir, simulation_key, stale_reason
 
 
 def beam(settings, number: int, input_hash: str = "h") -> BeamInput:
@@ -20,9 +20,11 @@ def beam(settings, number: int, input_hash: str = "h") -> BeamInput:
         beam_number=number,
         beam_name=f"{number}G000:TX",
         beam_dir=str(beam_dir),
-        tps_path=str(beam_dir / "moqui_tps.in"),
-        dose_dir=str(beam_dir / "dose"),
-        dose_file=str(beam_dir / "dose" / f"{number}G000:TX_{number}_Dose.raw"),
+        csv_dir=str(settings.work_dir("R") / "Log_csv"),
+        csv_dir_name=f"{number}G000_TX",
+        tps={},
+        grid=PhantomGrid(dims=(2, 2, 2), spacing=(1.0, 1.0, 1.0), position=(0.0, 0.0, 0.0)),
+        dose_name=f"{number}G000:TX_{number}_Dose.raw",
         input_hash=f"{input_hash}{number}",
     )
 
@@ -33,14 +35,9 @@ def store(settings, simulated: BeamInput) -> None:
     with open(simulated.dose_file, "wb") as dose:
         dose.write(b"\0" * 64)
     result = BeamResult(
-        case_id=simulated.case_id,
-        beam_number=simulated.beam_number,
-        beam_name=simulated.beam_name,
-        tps_path=simulated.tps_path,
-        dose_file=simulated.dose_file,
+        beam=simulated,
         engine_log="",
         engine_command=[],
-        input_hash=simulated.input_hash,
         host="h",
         gpu=0,
         attempts=1,

@@ -1,4 +1,4 @@
-"""RTDOSE writing, collection, plan sums and validation (tasks/rtdose.py), on small grids."""
+"""RTDOSE writing, collection, plan sums and validation (tasks/dose), on small grids."""
 
 from __future__ import annotations
 
@@ -14,18 +14,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from standins.sample_case import write_sample_case
-from tasks import rtdose
-from tasks.moqui_input import PhantomGrid
-from tasks.rtdose import (
-    RT_DOSE_SOP_CLASS,
-    RtDoseError,
-    collect_engine_rtdose,
-    dciodvfy_available,
-    raw_to_rtdose,
-    read_dose_gy,
-    sum_rtdose,
-    validate_rtdose,
-)
+from tasks.dose import chunks as dose_chunks
+from tasks.dose.model import RT_DOSE_SOP_CLASS, RtDoseError, RtDoseInfo
+from tasks.dose.plansum import sum_rtdose
+from tasks.dose.read import collect_engine_rtdose, read_dose_gy
+from tasks.dose.validate import dciodvfy_available, validate_rtdose
+from tasks.dose.write import raw_to_rtdose
+from tasks.moqui.grid import PhantomGrid
 
 RT_ION_PLAN = "1.2.840.10008.5.1.4.1.1.481.8"
 DCIODVFY = "/usr/bin/dciodvfy"
@@ -38,7 +33,7 @@ NX, NY, NZ = GRID.dims
 def chunking(request, monkeypatch):
     """Run each conversion test with whole-grid chunks and with several chunks and a short last one."""
     if request.param == "3-frame chunks":
-        monkeypatch.setattr(rtdose, "_CHUNK_BYTES", 3 * NX * NY * 8)
+        monkeypatch.setattr(dose_chunks, "_CHUNK_BYTES", 3 * NX * NY * 8)
     return request.param
 
 
@@ -89,7 +84,7 @@ def write_raw(path: Path, dose: np.ndarray) -> Path:
     return path
 
 
-def beam(tmp_path, plan, seed=1, number=2, **kw) -> tuple[rtdose.RtDoseInfo, np.ndarray]:
+def beam(tmp_path, plan, seed=1, number=2, **kw) -> tuple[RtDoseInfo, np.ndarray]:
     dose = blob(seed)
     raw = write_raw(tmp_path / f"beam{number}.raw", dose)
     out = tmp_path / "out" / f"RTDOSE_beam{number}.dcm"

@@ -18,7 +18,7 @@ from prefect.settings import PREFECT_API_URL
 from config import load_settings
 from deployments.cli import main
 from deployments.processes import descendants, process_alive, stop_tree
-from deployments.service import PREFECT_CLI, REPO_ROOT, ensure_work_pool, healthy
+from deployments.server import PREFECT_CLI, REPO_ROOT, ensure_work_pool, healthy
 from tests.conftest import write_config
 from tests.service_stack import FAST, finished, remove_deployments, small_case, wait_for
 

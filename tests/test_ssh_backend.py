@@ -17,10 +17,10 @@ from tasks.backends import JobState, follow
 from tasks.backends.base import FetchError
 from tasks.backends.ssh import SshBackend
 from tasks.backends.sshconn import AuthError, HostKeyError, ssh_host
-from tasks.engine import judge, verify_dose
-from tasks.errors import PermanentError
-from tasks.moqui_input import read_tps
-from tasks.tps import TPS_NAME
+from tasks.common.errors import PermanentError
+from tasks.moqui.beam import TPS_NAME
+from tasks.moqui.judge import judge, verify_dose
+from tasks.moqui.tps_file import read_tps
 from tests.beams import launch, launches, prepare_beams, run_beam
 from tests.conftest import write_config
 from tests.service_stack import wait_for
@@ -38,7 +38,7 @@ def ssh_fingerprint(public_key: Path) -> str:
 
 def csv_dir(beam) -> Path:
     """The interpreter output the beam's moqui_tps.in reads (Log_csv)."""
-    return Path(read_tps(Path(beam.tps_path))["DicomDir"]).parent
+    return Path(beam.csv_dir)
 
 
 def config_with(tmp_path, sshd, hpc, **ssh) -> Path:
@@ -57,7 +57,7 @@ def test_beam_runs_in_its_job_folder_and_its_dose_comes_back_verified(settings, 
     job = Path(followed.job.dir)
     assert job == hpc.remote_root / "SSH-1" / "beam-02" / beam.input_hash
     assert followed.job.state is JobState.FINISHED_OK and followed.job.gpu == 1
-    assert judge(followed.run, followed.lines, settings) == (None, True)
+    assert judge(followed.run, followed.lines, settings.engine) == (None, True)
 
     remote_tps = read_tps(job / TPS_NAME)
     assert remote_tps["GPUID"] == "1"
@@ -73,8 +73,8 @@ def test_beam_runs_in_its_job_folder_and_its_dose_comes_back_verified(settings, 
     backend.fetch(beam, followed.job)
     remote_dose = job / "dose" / Path(beam.dose_file).name
     assert sha256(Path(beam.dose_file)) == sha256(remote_dose)
-    assert verify_dose(settings, beam) is None
-    assert not Path(beam.dose_file + ".part").exists()
+    assert verify_dose(beam, raw=True) is None
+    assert not Path(f"{beam.dose_file}.part").exists()
 
     backend.cleanup(beam, followed.job)  # policy keep: kept, marked collected
     assert job.is_dir() and (job / "collected").is_file()
@@ -129,7 +129,7 @@ def test_corrupted_remote_output_is_detected_and_rejected(settings, damage):
     message = str(error.value)
     assert "case SSH-CORRUPT: beam 2" in message and str(remote) in message and "sha256" in message
     assert "downloaded twice" in message and "not accepted" in message
-    assert not Path(beam.dose_file).exists() and not Path(beam.dose_file + ".part").exists()
+    assert not Path(beam.dose_file).exists() and not Path(f"{beam.dose_file}.part").exists()
     backend.reject(followed.job, message)
     found = backend.lookup(beam)
     assert found.state is JobState.FINISHED_FAILED and "rejected" in found.problem
@@ -186,7 +186,7 @@ def test_hostile_case_ids_run_nothing_else_on_the_host(tmp_path, sshd, hpc, monk
         assert followed.job.state is JobState.FINISHED_OK, case_id
         assert Path(followed.job.dir).parent.parent == hpc.remote_root / case_id
         backend.fetch(beam, followed.job)
-        assert verify_dose(settings, beam) is None, case_id
+        assert verify_dose(beam, raw=True) is None, case_id
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         for done in [pool.submit(run, i, case_id) for i, case_id in enumerate(HOSTILE_CASE_IDS)]:
@@ -237,10 +237,10 @@ def test_sshd_restart_while_polling_reconnects_without_a_second_launch(tmp_path,
         assert "error" not in outcome, outcome.get("error")
         followed = outcome["followed"]
         assert followed.job.state is JobState.FINISHED_OK
-        assert judge(followed.run, followed.lines, settings) == (None, True)
+        assert judge(followed.run, followed.lines, settings.engine) == (None, True)
         assert backend.host.connects >= 2 and "reconnecting" in notes[0]
         backend.fetch(beam, followed.job)
-        assert verify_dose(settings, beam) is None
+        assert verify_dose(beam, raw=True) is None
         assert launches(launch_log) == {"2": 1}
     finally:
         ssh_host(settings).close()

@@ -13,12 +13,14 @@ from config import load_settings
 from flows.case import process_case
 from standins.sample_case import write_sample_case
 from tasks.backends import JobState
+from tasks.backends.adopt import simulate_beam
 from tasks.backends.ssh import SshBackend
 from tasks.backends.sshconn import ssh_host
-from tasks.errors import ToolError
-from tasks.gpu import ensure_gpu_limits
-from tasks.simulate import simulate_beam
-from tests.beams import launches, prepare_beams, run_beam
+from tasks.common.errors import ToolError
+from tasks.gpu.limits import ensure_gpu_limits
+from tasks.gpu.pool import GpuPool
+from tasks.prefect_api.secrets import secret_value
+from tests.beams import launches, prepare_beams, run_beam, server_gpus
 from tests.conftest import write_config
 from tests.sshd import keygen
 from tests.test_case_flow import dciodvfy_errors
@@ -64,7 +66,7 @@ def test_whole_case_over_ssh(tmp_path, sshd, hpc, monkeypatch):
 def test_corrupted_output_is_rejected_and_the_beam_relaunched(tmp_path, sshd, hpc, monkeypatch):
     config = ssh_case_config(tmp_path, sshd, hpc, "hpc-reject")
     settings = load_settings(config, env={})
-    ensure_gpu_limits(settings)
+    ensure_gpu_limits(GpuPool.of(settings.backend))
     launch_log = tmp_path / "launches.jsonl"
     monkeypatch.setenv("MQI_STANDIN_LAUNCH_LOG", str(launch_log))
     [beam] = prepare_beams(settings, "REJECT")
@@ -75,14 +77,14 @@ def test_corrupted_output_is_rejected_and_the_beam_relaunched(tmp_path, sshd, hp
     remote.write_bytes(bytes(data))
 
     with pytest.raises(ToolError, match="not what the job recorded") as error:
-        simulate_beam(settings, beam, attempt=2)
+        simulate_beam(settings, SshBackend(settings), beam, 2, server_gpus(settings))
     assert "case REJECT: beam 2" in str(error.value)
     assert SshBackend(settings).lookup(beam).state is JobState.FINISHED_FAILED
     assert launches(launch_log) == {"2": 1}
 
-    result, _ = simulate_beam(settings, beam, attempt=3)
+    result, _ = simulate_beam(settings, SshBackend(settings), beam, 3, server_gpus(settings))
     assert launches(launch_log) == {"2": 2}
-    assert Path(result.dose_file).read_bytes() == remote.read_bytes()
+    assert result.beam.dose_file.read_bytes() == remote.read_bytes()
 
 
 def test_a_gpu_busy_with_a_foreign_process_is_passed_over(tmp_path, sshd, hpc):
@@ -92,9 +94,9 @@ def test_a_gpu_busy_with_a_foreign_process_is_passed_over(tmp_path, sshd, hpc):
         "31337, GPU-a, /usr/bin/python3 someone-elses-training.py, 30000\n",
     )
     settings = load_settings(ssh_case_config(tmp_path, sshd, hpc, "hpc-foreign"), env={})
-    ensure_gpu_limits(settings)
+    ensure_gpu_limits(GpuPool.of(settings.backend))
     [beam] = prepare_beams(settings, "FOREIGN")
-    result, _ = simulate_beam(settings, beam, attempt=1)
+    result, _ = simulate_beam(settings, SshBackend(settings), beam, 1, server_gpus(settings))
     assert result.gpu == 1
 
 
@@ -111,4 +113,4 @@ def test_key_passphrase_from_a_prefect_secret_block(tmp_path, sshd, hpc):
         key_file=str(key),
         key_passphrase_secret_block="mqi-test-ssh-passphrase",
     )
-    assert ssh_host(load_settings(config, env={})).run("echo unlocked").stdout == b"unlocked\n"
+    assert ssh_host(load_settings(config, env={}), secret_value).run("echo unlocked").stdout == b"unlocked\n"

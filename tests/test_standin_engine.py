@@ -19,7 +19,8 @@ from standins import pencil_beam
 from standins.pencil_beam import Layer, compute_dose
 from standins.sample_case import write_sample_case
 from standins.tps_env import OUTPUT_NAME_PATTERN
-from tasks.moqui_input import PhantomGrid, format_tps
+from tasks.moqui.grid import PhantomGrid
+from tasks.moqui.tps_file import format_tps
 
 # ---------------------------------------------------------------- physics
 

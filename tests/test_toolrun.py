@@ -5,7 +5,7 @@ import select
 import sys
 import textwrap
 
-from tasks.toolrun import run_tool
+from tasks.common.toolrun import run_tool
 
 
 def script(tmp_path, body: str):

@@ -9,7 +9,7 @@ output and, last, `exit.json`. Before launching, a beam
 looks the record up: a running job is adopted, a finished one fetched, only
 a missing or failed one is launched. So a killed worker, a restarted server
 or a rerun never starts a second copy of a job that is still on a GPU
-(ARCHITECTURE.md, "Crash safety").
+(the remote side tells the truth).
 
 Local and SSH backends share everything here (the wrapper, the launch and
 probe scripts, reading the record, following the log, rejecting a result);
@@ -31,9 +31,10 @@ from importlib.resources import files
 from pathlib import Path
 
 from config.settings import Settings
-from tasks.errors import PermanentError, ToolError
-from tasks.toolrun import LineFollower, ToolRun
-from tasks.tps import BeamInput
+from tasks.common.errors import PermanentError, ToolError
+from tasks.common.toolrun import LineFollower, ToolRun
+from tasks.moqui.beam import BeamInput
+from tasks.moqui.command import engine_argv
 
 WRAPPER_NAME = "mqi-job.sh"
 WRAPPER = files("tasks.backends").joinpath(WRAPPER_NAME).read_bytes()
@@ -258,11 +259,21 @@ class Backend(ABC):
         """Put the wrapper and every input but moqui_tps.in in the job folder (no GPU held yet)."""
 
     @abstractmethod
-    def prepare_launch(self, beam: BeamInput, gpu: int) -> LaunchSpec:
-        """Put moqui_tps.in (GPUID already written) where the engine reads it; say how to start it."""
+    def prepare_launch(self, beam: BeamInput, gpu: int, argv: list[str]) -> LaunchSpec:
+        """Write moqui_tps.in for `gpu` where the engine reads it (`input_path`); say how to start it."""
 
     @abstractmethod
-    def engine_argv(self, beam: BeamInput, gpu: int) -> list[str]: ...
+    def input_path(self, beam: BeamInput) -> str:
+        """Where the engine reads the beam's moqui_tps.in: in its job folder."""
+
+    @property
+    @abstractmethod
+    def engine_command(self) -> list[str]:
+        """The engine's command template on this machine (engine.command or ssh.engine_command)."""
+
+    def engine_argv(self, beam: BeamInput, gpu: int) -> list[str]:
+        """The engine's argv for `beam` on `gpu`, reading its moqui_tps.in in the job folder."""
+        return engine_argv(self.engine_command, beam, gpu, self.input_path(beam))
 
     @abstractmethod
     def fetch(self, beam: BeamInput, job: Job) -> None:
@@ -292,13 +303,13 @@ class Backend(ABC):
         """The job of this beam's inputs, as its folder tells it (MISSING if there is none)."""
         return self.probe(Job(self.job_dir(beam), JobState.MISSING))[0]
 
-    def launch(self, beam: BeamInput, gpu: int) -> Job:
-        """Start the engine detached on `gpu`; return the job once its record exists."""
-        spec = self.prepare_launch(beam, gpu)
+    def launch(self, beam: BeamInput, gpu: int, argv: list[str]) -> Job:
+        """Start the engine (`argv`) detached on `gpu`; return the job once its record exists."""
+        spec = self.prepare_launch(beam, gpu, argv)
         job_dir = self.job_dir(beam)
         script = launch_script(job_dir, gpu, self.settings.engine.timeout_seconds, spec)
         result = self.run(script, timeout=LAUNCH_WAIT_SECONDS + 30)
-        where = f"case {beam.case_id}: beam {beam.beam_number} ({beam.beam_name}) on {self.where}"
+        where = f"{beam.subject} on {self.where}"
         if result.code == EXIT_NO_ENGINE_DIR:
             raise PermanentError(
                 f"{where}: engine directory {spec.engine_dir} does not exist ({spec.engine_dir_key})"

@@ -3,7 +3,8 @@
 The engine still runs as a detached job with a record (the same wrapper as
 on a remote host), so a killed worker's engine keeps its GPU and is adopted
 by the next run instead of started twice. Inputs and outputs are already
-where the engine reads and writes them: nothing to stage or download.
+where the engine reads and writes them: nothing to stage or download; the
+beam's moqui_tps.in is written in its job folder.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import subprocess
 from pathlib import Path
 
 from tasks.backends.base import WRAPPER, WRAPPER_NAME, Backend, CommandResult, Job, LaunchSpec
-from tasks.engine import engine_argv
-from tasks.errors import ToolError
-from tasks.tps import BeamInput
+from tasks.common.errors import ToolError
+from tasks.moqui.beam import TPS_NAME, BeamInput
 
 COMMAND_TIMEOUT_SECONDS = 60.0
 
@@ -53,17 +53,22 @@ class LocalBackend(Backend):
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / WRAPPER_NAME).write_bytes(WRAPPER)
 
-    def prepare_launch(self, beam: BeamInput, gpu: int) -> LaunchSpec:
+    def input_path(self, beam: BeamInput) -> str:
+        return str(Path(self.job_dir(beam)) / TPS_NAME)
+
+    @property
+    def engine_command(self) -> list[str]:
+        return self.settings.engine.command
+
+    def prepare_launch(self, beam: BeamInput, gpu: int, argv: list[str]) -> LaunchSpec:
+        Path(self.input_path(beam)).write_text(beam.tps_text(gpu), encoding="utf-8")
         return LaunchSpec(
-            argv=self.engine_argv(beam, gpu),
+            argv=argv,
             engine_dir=str(self.settings.engine_dir),
             engine_dir_key="engine.workdir",
             lock_dir=str(self.settings.root / "gpu-locks"),
-            clear=[beam.dose_file],  # never mistake an earlier attempt's dose for this one's
+            clear=[str(beam.dose_file)],  # never mistake an earlier attempt's dose for this one's
         )
-
-    def engine_argv(self, beam: BeamInput, gpu: int) -> list[str]:
-        return engine_argv(self.settings, beam, gpu)
 
     def fetch(self, beam: BeamInput, job: Job) -> None:
         """Nothing to move: the engine wrote beam.dose_file itself (verify_dose checks it)."""

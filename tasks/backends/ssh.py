@@ -40,12 +40,10 @@ from tasks.backends.base import (
     LaunchSpec,
     LocalWriteError,
 )
-from tasks.backends.sshconn import SshHost, ssh_host
-from tasks.casefolder import csv_dir_name
-from tasks.engine import format_engine_command
-from tasks.errors import PermanentError, ToolError
-from tasks.moqui_input import read_tps
-from tasks.tps import TPS_NAME, BeamInput, engine_input_files, relocated_tps
+from tasks.backends.sshconn import SecretLookup, SshHost, ssh_host
+from tasks.common.errors import PermanentError, ToolError
+from tasks.moqui.beam import TPS_NAME, BeamInput, engine_input_files
+from tasks.moqui.inputs import input_paths
 
 MAX_NAME_BYTES = 200
 
@@ -61,7 +59,7 @@ def check_name(beam: BeamInput, what: str, value: str) -> str:
     )
     if bad:
         raise PermanentError(
-            f"case {beam.case_id!r}: beam {beam.beam_number}: {what} {value!r} cannot name a folder or file "
+            f"{beam.subject}: {what} {value!r} cannot name a folder or file "
             f"on the GPU host (empty, '.', '..', '/', '\\', control characters, over {MAX_NAME_BYTES} bytes)"
         )
     return value
@@ -74,9 +72,9 @@ def _sha256(data: bytes) -> str:
 class SshBackend(Backend):
     kind = "ssh"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, secrets: SecretLookup | None = None) -> None:
         super().__init__(settings)
-        self.host: SshHost = ssh_host(settings)  # the process's one connection to this host
+        self.host: SshHost = ssh_host(settings, secrets)  # the process's one connection to this host
         self.ssh: SshSettings = self.host.ssh
 
     @property
@@ -103,10 +101,14 @@ class SshBackend(Backend):
         return str(self._job(beam))
 
     def _dose_name(self, beam: BeamInput) -> str:
-        return check_name(beam, "dose file name", Path(beam.dose_file).name)
+        return check_name(beam, "dose file name", beam.dose_name)
 
-    def engine_argv(self, beam: BeamInput, gpu: int) -> list[str]:
-        return format_engine_command(self.ssh.engine_command, beam, gpu, str(self._job(beam) / TPS_NAME))
+    def input_path(self, beam: BeamInput) -> str:
+        return str(self._job(beam) / TPS_NAME)
+
+    @property
+    def engine_command(self) -> list[str]:
+        return self.ssh.engine_command
 
     # -- uploads ---------------------------------------------------------------
     def _upload(self, beam: BeamInput, files: dict[str, bytes], folders: Sequence[str] = ()) -> None:
@@ -134,28 +136,25 @@ class SshBackend(Backend):
         wrong = [rel for rel in send if have[rel] != wanted[rel]]
         if wrong:
             raise ToolError(
-                f"case {beam.case_id}: beam {beam.beam_number}: upload to {self.where} did not verify "
+                f"{beam.subject}: upload to {self.where} did not verify "
                 f"(sha256 differs after upload): {', '.join(str(job / rel) for rel in wrong)}"
             )
 
     def stage(self, beam: BeamInput) -> None:
         """The wrapper, the plan copy and the beam's layer CSVs (everything but moqui_tps.in)."""
-        csv_dir = Path(read_tps(Path(beam.tps_path))["DicomDir"]).parent  # the interpreter's Log_csv
-        csv_name = check_name(beam, "beam folder name", csv_dir_name(beam.beam_name))
+        csv_dir = Path(beam.csv_dir)  # the interpreter's Log_csv
+        csv_name = check_name(beam, "beam folder name", beam.csv_dir_name)
         files = {WRAPPER_NAME: WRAPPER}
         for path in engine_input_files(csv_dir, csv_name):
             files[f"input/{path.relative_to(csv_dir).as_posix()}"] = path.read_bytes()
         self._upload(beam, files, folders=["input/plan", f"input/log/{csv_name}", "dose"])
 
-    def prepare_launch(self, beam: BeamInput, gpu: int) -> LaunchSpec:
+    def prepare_launch(self, beam: BeamInput, gpu: int, argv: list[str]) -> LaunchSpec:
         job = self._job(beam)
-        local_tps = Path(beam.tps_path)
-        text = relocated_tps(
-            local_tps.read_text(encoding="utf-8"), job / "input", job / "dose", str(local_tps)
-        )
+        text = beam.tps_text(gpu, paths=input_paths(job / "input", job / "dose"))
         self._upload(beam, {TPS_NAME: text.encode()})
         return LaunchSpec(
-            argv=self.engine_argv(beam, gpu),
+            argv=argv,
             engine_dir=self.ssh.engine_dir,
             engine_dir_key="ssh.engine_dir",
             lock_dir=str(PurePosixPath(self.ssh.remote_root) / ".gpu-locks"),
@@ -196,7 +195,7 @@ class SshBackend(Backend):
 
     def fetch(self, beam: BeamInput, job: Job) -> None:
         name, q = self._dose_name(beam), shlex.quote
-        label = f"case {beam.case_id}: beam {beam.beam_number} ({beam.beam_name})"
+        label = beam.subject
         recorded = self._checked(
             f"cd -- {q(job.dir)} && {{ cat -- {q('sha256/' + name)} 2>/dev/null || "
             "{ echo missing; ls -A -- dose; }; }",
@@ -211,7 +210,7 @@ class SshBackend(Backend):
             )
         expected = (fields[0], int(fields[1]))
         remote = f"{job.dir}/dose/{name}"
-        final = Path(beam.dose_file)
+        final = beam.dose_file
         part = final.with_name(final.name + ".part")
         final.parent.mkdir(parents=True, exist_ok=True)
         compressed = self._compressed()

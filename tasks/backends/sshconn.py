@@ -41,7 +41,7 @@ from paramiko.ssh_exception import (
 
 from config.settings import Settings, SshSettings
 from tasks.backends.base import CommandResult, ConnectionLost
-from tasks.errors import PermanentError, ToolError
+from tasks.common.errors import PermanentError, ToolError
 
 # A wide window and big packets let the server stream without waiting for us (measured).
 WINDOW_SIZE = 16 * 2**20
@@ -57,6 +57,7 @@ REKEY_BYTES = 2**34
 HOST_KEY_ALGORITHMS = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256")}
 
 T = TypeVar("T")
+SecretLookup = Callable[[str], str]  # secret name -> value (e.g. a Prefect Secret block)
 
 
 class HostKeyError(PermanentError):
@@ -79,8 +80,11 @@ def known_hosts_name(host: str, port: int) -> str:
 class SshHost:
     """The one connection to one host, opened on first use and again after it drops."""
 
-    def __init__(self, ssh: SshSettings, key_file: Path | None, known_hosts: Path) -> None:
+    def __init__(
+        self, ssh: SshSettings, key_file: Path | None, known_hosts: Path, secrets: SecretLookup | None = None
+    ) -> None:
         self.ssh = ssh
+        self.secrets = secrets
         self.key_file = key_file
         self.known_hosts = known_hosts
         self.label = f"{ssh.user}@{ssh.host}:{ssh.port}"
@@ -195,10 +199,14 @@ class SshHost:
                 )
             return value
         if ssh.key_passphrase_secret_block:
-            from prefect.blocks.system import Secret
-
+            if self.secrets is None:
+                raise AuthError(
+                    f"the key passphrase is in Prefect Secret block {ssh.key_passphrase_secret_block!r} "
+                    "(ssh.key_passphrase_secret_block), which only a command or run talking to the "
+                    "Prefect server can read"
+                )
             try:
-                return str(Secret.load(ssh.key_passphrase_secret_block).get())
+                return self.secrets(ssh.key_passphrase_secret_block)
             except Exception as error:  # any failure to read the block is a configuration problem
                 raise AuthError(
                     f"cannot read the key passphrase from Prefect Secret block "
@@ -335,8 +343,11 @@ _hosts: dict[tuple[str, str, str], SshHost] = {}
 _hosts_lock = threading.Lock()
 
 
-def ssh_host(settings: Settings) -> SshHost:
-    """The process's connection to the configured host (one per distinct ssh: section)."""
+def ssh_host(settings: Settings, secrets: SecretLookup | None = None) -> SshHost:
+    """The process's connection to the configured host (one per distinct ssh: section).
+
+    `secrets` reads a secret by name (a Prefect Secret block), for a key passphrase kept there.
+    """
     ssh = settings.ssh
     if ssh is None:
         raise PermanentError("backend.kind is ssh but there is no ssh: section")
@@ -345,7 +356,7 @@ def ssh_host(settings: Settings) -> SshHost:
     ident = (ssh.model_dump_json(), str(key_file), str(known_hosts))
     with _hosts_lock:
         if ident not in _hosts:
-            _hosts[ident] = SshHost(ssh, key_file, known_hosts)
+            _hosts[ident] = SshHost(ssh, key_file, known_hosts, secrets)
         return _hosts[ident]
 
 

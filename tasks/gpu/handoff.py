@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextvars
 import enum
 import json
+import logging
 import os
 import socket
 import struct
@@ -34,9 +35,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 from uuid import UUID
 
-from prefect.logging import get_logger
-
-logger = get_logger("mqi.gpu")
+logger = logging.getLogger("prefect.mqi.gpu")  # where Prefect's get_logger('mqi.gpu') logs
 
 REPLY_SECONDS = 1.0  # how long a giver waits for ACCEPT before it releases through the server
 COMMIT_SECONDS = 2.0  # how long a receiver that accepted waits for COMMIT

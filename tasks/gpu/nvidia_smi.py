@@ -1,6 +1,6 @@
 """nvidia-smi on the GPU host: which GPUs there are, how full and hot, and which processes use them.
 
-The two queries of DOMAIN.md, as CSV without header or units. Real output
+Two queries (`--query-gpu`, `--query-compute-apps`), as CSV without header or units. Real output
 has "N/A" (or "[N/A]", "[Not Supported]") in any field, process names with
 commas, fewer fields from older drivers, "No devices were found" when there
 is no GPU, and no nvidia-smi at all where there is no driver: each becomes a
@@ -15,9 +15,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from config.settings import Settings
+from config.settings import BackendSettings, Settings
 from tasks.backends import Backend, make_backend
 from tasks.backends.base import CommandResult
+from tasks.backends.sshconn import SecretLookup
 
 GPU_QUERY = [
     "--query-gpu=index,uuid,name,memory.total,memory.used,memory.free,temperature.gpu,utilization.gpu",
@@ -163,9 +164,9 @@ def backend_runner(backend: Backend) -> Runner:
     return lambda argv: backend.run(shlex.join(argv), timeout=QUERY_TIMEOUT_SECONDS)
 
 
-def gpu_report(settings: Settings) -> GpuReport:
+def gpu_report(settings: Settings, secrets: SecretLookup | None = None) -> GpuReport:
     """The GPU host's nvidia-smi view (this machine for the local backend, the node over SSH)."""
-    backend = make_backend(settings)
+    backend = make_backend(settings, secrets)
     return query_gpus(backend_runner(backend), settings.backend.nvidia_smi, backend.where)
 
 
@@ -208,11 +209,11 @@ class BusyGpus:
         return None
 
 
-def busy_gpus(settings: Settings, backend: Backend) -> BusyGpus:
+def busy_gpus(settings: BackendSettings, backend: Backend) -> BusyGpus:
     """The skip check for `backend`'s GPU host with the configured nvidia-smi and memory floor."""
     return BusyGpus(
         backend_runner(backend),
-        settings.backend.nvidia_smi,
+        settings.nvidia_smi,
         backend.where,
-        min_free_mib=settings.backend.min_free_memory_mib,
+        min_free_mib=settings.min_free_memory_mib,
     )

@@ -37,6 +37,8 @@ from prefect.client.orchestration import PrefectClient, SyncPrefectClient, get_c
 from prefect.context import SyncClientContext
 from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY
 
+from tasks.prefect_api.internals import share_client_context
+
 BUSY_RETRIES = 40  # quick tries per request before the client's own (slow) retries take over
 BUSY_PAUSE_SECONDS = 0.05  # mean pause between two tries
 
@@ -115,7 +117,6 @@ def flow_run_client_context() -> Iterator[SyncClientContext]:
     result lookup builds a client of its own. This context's client retries a busy
     server, and is marked as made with none, so that all of those calls share it.
     """
-    context = SyncClientContext(httpx_settings=busy_retry_settings())
-    context._httpx_settings = None  # Prefect matches on this private attribute (prefect/client)
+    context = share_client_context(SyncClientContext(httpx_settings=busy_retry_settings()))
     with context:
         yield context

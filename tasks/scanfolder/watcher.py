@@ -1,174 +1,24 @@
-"""When a case folder in the scan folder is ready to run, and the key that names its content.
+"""When a case folder in the scan folder is ready to run: the sensor's decisions, without Prefect.
 
-The old orchestrator queued a case twice on duplicate file events and lost track of
-cases across restarts. Here a case is named by a key computed from what is on disk:
-its path under the scan folder and every file's relative path, size and mtime. The same
-content always gives the same key, whatever events, rescans or restarts happen, and a
-changed folder gets a new key. Readiness follows DOMAIN.md: the ready marker (or, where
-configured, a quiet period), partial transfers ignored, and a case with fewer delivery
-folders than treatment beams, or whose files still change after the marker, waits and is
-reported, never run half. Folders that must not be run at all (see `case_folders`, and
-two folders with one case id) are skipped with the reason.
-
-Plain code, no Prefect: the sensor flow adds the Prefect side (runs, events, logs).
-Nothing here writes to the scan folder.
+Readiness: the ready marker (or, where configured, a quiet period), partial transfers
+ignored, and a case with fewer delivery folders than treatment beams, or whose files
+still change after the marker, waits and is reported, never run half. Two folders with
+one case id are skipped with the reason. The sensor flow adds the Prefect side (runs,
+events, logs). Nothing here writes to the scan folder.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from config.settings import Settings
-from tasks.casefolder import Inspection, inspect_case, is_partial, name_problem
-
-KEY_VERSION = b"mqi-case-key-1"
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """One file of a case folder as the key sees it."""
-
-    path: str  # relative to the case folder, '/'-separated
-    size: int
-    mtime_ns: int
-    partial: bool  # a transfer still in progress (casefolder.is_partial on any part of the path)
-
-
-def list_files(case_dir: Path) -> list[FileEntry]:
-    """Every file under `case_dir`, sorted; a file that vanishes while listed is left out.
-
-    Symbolic links are not followed (their own size and mtime count), so a link loop
-    cannot hang the sensor nor a link out of the folder make it read elsewhere.
-    """
-    entries: list[FileEntry] = []
-
-    def walk(folder: Path, prefix: str, partial: bool) -> None:
-        with os.scandir(folder) as listing:
-            children = sorted(listing, key=lambda entry: entry.name)
-        for entry in children:
-            relative = f"{prefix}{entry.name}"
-            inside_partial = partial or is_partial(entry.name)
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    walk(Path(entry.path), f"{relative}/", inside_partial)
-                    continue
-                stat = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:  # removed or renamed while we listed: the next scan sees the result
-                continue
-            entries.append(FileEntry(relative, stat.st_size, stat.st_mtime_ns, inside_partial))
-
-    walk(case_dir, "", False)
-    return entries
-
-
-def case_key(name: str, files: list[FileEntry], ready_marker: str) -> str:
-    """sha256 over the case's name under the scan folder and each complete file's path, size, mtime.
-
-    Partial files are left out (they are renamed when complete, which changes the key
-    anyway), and so is the ready marker: touching it again is not new content.
-    """
-    digest = hashlib.sha256(KEY_VERSION + b"\0" + name.encode("utf-8", "surrogateescape") + b"\0")
-    for entry in files:
-        if entry.partial or entry.path == ready_marker:
-            continue
-        digest.update(f"{entry.path}\0{entry.size}\0{entry.mtime_ns}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
-
-
-Signature = tuple[tuple[str, int], ...]
-
-
-def folder_signature(case_dir: Path) -> Signature:
-    """The case folder's entry count and the timestamps of it and its subfolders: cheap every poll.
-
-    Adding, removing or renaming a file changes its folder's timestamp, so an unchanged
-    signature means no file appeared or vanished there (the count catches a marker added
-    within the timestamp resolution of coarse file systems); files rewritten in place are
-    found by the periodic full rescan instead.
-    """
-    parts = [(".", case_dir.stat().st_mtime_ns)]
-    with os.scandir(case_dir) as listing:
-        entries = list(listing)
-    parts.append(("#", len(entries)))
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            parts.append((entry.name, entry.stat(follow_symlinks=False).st_mtime_ns))
-    return tuple(sorted(parts))
-
-
-@dataclass(frozen=True)
-class CaseFolder:
-    """A case folder found in the scan folder."""
-
-    path: Path
-    name: str  # relative to the scan folder, e.g. "G2/12345678"
-    room_folder: str | None  # the room subfolder it sits in, if any
-
-    @property
-    def case_id(self) -> str:
-        return self.path.name
-
-
-def shown(path: Path) -> str:
-    """A path as text that can be logged and sent to the server, even if its bytes are not UTF-8."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def _unreadable(folder: Path, error: OSError) -> str:
-    """Why `folder` cannot be read, naming the file or subfolder at fault."""
-    inner = os.path.relpath(error.filename, folder) if isinstance(error.filename, str) else "."
-    where = "" if inner == "." else f"{shown(Path(inner))!r} "
-    return f"cannot read {where}({error.strerror or error})"
-
-
-def _subfolders(folder: Path, root: Path, skipped: dict[Path, str]) -> list[str]:
-    """Names of the subfolders of `folder`; a symbolic link leading outside `root` goes to `skipped`."""
-    names = []
-    with os.scandir(folder) as listing:
-        for entry in listing:
-            if is_partial(entry.name) or not entry.is_dir():
-                continue
-            if entry.is_symlink() and not Path(os.path.realpath(entry.path)).is_relative_to(root):
-                target = shown(Path(os.readlink(entry.path)))
-                skipped[Path(entry.path)] = (
-                    f"symbolic link to {target!r} leads outside the scan folder; not followed"
-                )
-                continue
-            names.append(entry.name)
-    return sorted(names)
-
-
-def case_folders(scan_dir: Path, room_folders: list[str], skipped: dict[Path, str]) -> Iterator[CaseFolder]:
-    """Every case folder: the scan folder's subfolders, and those of its room folders (G1/, G2/).
-
-    Left out, with the reason in `skipped`: a folder that cannot be listed, a symbolic
-    link leading outside the scan folder (its files are not the scan folder's to read),
-    and a folder whose name cannot name a case (casefolder.name_problem). A scan folder
-    that cannot be listed raises OSError (nothing can be watched).
-    """
-    root = Path(os.path.realpath(scan_dir))
-    rooms = set(room_folders)
-    for name in _subfolders(scan_dir, root, skipped):
-        if name in rooms:
-            try:
-                inner = [(f"{name}/{case}", case) for case in _subfolders(scan_dir / name, root, skipped)]
-            except OSError as error:
-                skipped[scan_dir / name] = _unreadable(scan_dir / name, error)
-                continue
-        else:
-            inner = [(name, name)]
-        for relative, case in inner:
-            reason = name_problem(case)
-            if reason is None:
-                yield CaseFolder(scan_dir / relative, relative, name if name in rooms else None)
-            else:
-                skipped[scan_dir / relative] = reason
+from tasks.casefolder import Inspection, inspect_case
+from tasks.scanfolder.contents import FileEntry, Signature, case_key, folder_signature, list_files
+from tasks.scanfolder.folders import CaseFolder, case_folders, unreadable
 
 
 @dataclass(frozen=True)
@@ -260,7 +110,7 @@ class CaseWatcher:
             try:
                 found = self._check(folder, now, full)
             except OSError as error:  # vanished, locked, permission denied: try again next poll
-                self.skipped[folder.path] = _unreadable(folder.path, error)
+                self.skipped[folder.path] = unreadable(folder.path, error)
                 continue
             if found is not None:
                 ready.append(found)
@@ -358,10 +208,3 @@ class CaseWatcher:
             return "wait"
         tracked.reported = True
         return "report"
-
-
-def room_tag(folder: CaseFolder, inspection: Inspection) -> str | None:
-    """The gantry room as a run tag: from the plan's machine when readable, else the room folder."""
-    if inspection.case is not None and inspection.case.room is not None:
-        return f"room:G{inspection.case.room}"
-    return f"room:{folder.room_folder}" if folder.room_folder else None

@@ -22,7 +22,7 @@ ahead of it (dead, or stuck), so a crashed process costs one turn. The server
 still decides who gets a GPU; the events only say when asking is worthwhile.
 The waiting events also name the process's machine, so that a beam ending
 there can hand its GPU straight to the process that waited longest
-(tasks/gpu_handoff.py).
+(tasks/gpu/handoff.py).
 """
 
 from __future__ import annotations
@@ -40,20 +40,15 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFi
 from prefect.logging import get_logger
 from prefect.settings import PREFECT_API_URL
 
+from tasks.gpu.events import HANDED_OVER, RELEASED, WAITING, host_prefix
+
 logger = get_logger("mqi.gpu")
 
-RELEASED = "mqi.gpu.released"
-HANDED_OVER = "handed_over"  # in a release event's payload: the slot went to another beam at once
-WAITING = "mqi.gpu.waiting"  # payload: a process, its machine, since when its first beam waits (or null)
 TURN_SECONDS = 1.0  # how long a process lets each process that has waited longer take a release first
 POLL_SECONDS = 0.1  # how often to ask while the event stream is not (yet) followed
 FALLBACK_SECONDS = 2.0  # how often to ask anyway while it is
 RECONNECT_SECONDS = 2.0
 NODE = socket.gethostname()
-
-
-def gpu_resource(host: str, index: int) -> str:
-    return f"mqi.gpu.{host}.{index}"
 
 
 class ReleaseSignal:
@@ -107,7 +102,7 @@ class ReleaseSignal:
         """Tell every process since when this one's longest-waiting beam waits (None: no beam waits)."""
         emit_event(
             WAITING,
-            resource={"prefect.resource.id": f"mqi.gpu.{self._host}.waiting"},
+            resource={"prefect.resource.id": f"{host_prefix(self._host)}waiting"},
             payload={"process": self.process, "node": NODE, "since": since},
         )
 
@@ -163,7 +158,7 @@ class ReleaseSignal:
             wanted = EventFilter(  # from `since` on: the server first sends what we missed
                 occurred=EventOccurredFilter(since=since),
                 event=EventNameFilter(name=[RELEASED, WAITING]),
-                resource=EventResourceFilter(id_prefix=[f"mqi.gpu.{self._host}."]),
+                resource=EventResourceFilter(id_prefix=[host_prefix(self._host)]),
             )
             try:
                 async with get_events_subscriber(filter=wanted, reconnection_attempts=0) as events:

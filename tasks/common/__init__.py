@@ -1,0 +1,1 @@
+"""Plain helpers every step shares: errors and their causes, labels, running an external tool."""

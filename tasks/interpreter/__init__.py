@@ -1,0 +1,1 @@
+"""The clinic's interpreter (plan + machine logs -> per-layer CSVs): how it is run and checked."""
