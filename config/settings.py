@@ -8,6 +8,7 @@ names that field may use, and each error names the key and the file.
 
 from __future__ import annotations
 
+import math
 import re
 import string
 import sys
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from config.profiles import EngineProfile, shipped_profiles
 
 # The single source of these defaults and allowed values (discovery, the engine input and
 # the stand-ins import them from here).
@@ -66,7 +69,6 @@ PATH_FIELDS = {"data_root"}
 CASE_PATH_FIELDS = {"data_root", "case_id"}
 INTERPRETER_FIELDS = {"python", "case_dir", "csv_dir", "case_id"}
 ENGINE_FIELDS = {"python", "input", "case_id", "beam_number", "gpu"}
-DOSE_FILE_FIELDS = {"beam_name", "beam_number", "scorer", "ext"}
 
 
 class PathSettings(Strict):
@@ -155,19 +157,11 @@ class EngineSettings(Strict):
         min_length=1,
         description="Pause before each retry of a beam (the last value repeats for later retries).",
     )
-    dose_file_pattern: str = Field(
-        "{beam_name}_{beam_number}_{scorer}.{ext}",
-        description="Name of the engine's dose file in OutputDir.",
-    )
-    success_markers: list[str] = Field(
-        default=["Total execution time:"],
+    profile: str = Field(
+        "moqui-smc-public",
         min_length=1,
-        description="A log line holding one of these means the engine finished its simulation.",
-    )
-    failure_markers: list[str] = Field(
-        default=["FATAL ERROR", "ERROR:", "Segmentation fault"],
-        min_length=1,
-        description="A log line holding one of these fails the run, whatever the exit code.",
+        description="The engine build's profile: what it reads from moqui_tps.in and prints "
+        "(moqui-smc-public, moqui-smc-clinic, or one under engine_profiles:).",
     )
 
     @field_validator("command")
@@ -180,11 +174,6 @@ class EngineSettings(Strict):
     def _workdir(cls, value: str) -> str:
         return check_placeholders(value, PATH_FIELDS)
 
-    @field_validator("dose_file_pattern")
-    @classmethod
-    def _pattern(cls, value: str) -> str:
-        return check_placeholders(value, DOSE_FILE_FIELDS)
-
 
 class PhantomSettings(Strict):
     """The water phantom the dose is scored in (UsingPhantomGeo)."""
@@ -193,8 +182,9 @@ class PhantomSettings(Strict):
     unit_mm: tuple[float, float, float] = Field((2.0, 2.0, 2.0), description="Voxel size (mm).")
     position_mm: tuple[float, float, float] | None = Field(
         None,
-        description="Outer corner of the first voxel (mm, patient coordinates); "
-        "default: the phantom centred on the beam isocentre.",
+        description="Outer corner of the first voxel (mm, in the engine's beam-aligned phantom frame: "
+        "the beam axis is x = y = 0 and the beam travels -z); default: centred on the beam axis with "
+        "the beam entering its top face at z = 0.",
     )
 
     @field_validator("dims")
@@ -216,8 +206,13 @@ class TpsSettings(Strict):
     """Engine options written to every moqui_tps.in (typed; MOQUI ignores unknown keys)."""
 
     random_seed: int = Field(-1932780356, description="RandomSeed: the engine's random number seed.")
-    use_absolute_path: bool = Field(
-        True, description="UseAbsolutePath: the folders in moqui_tps.in are absolute paths."
+    particles_per_history: float = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Written as the profile's histories key (ParticlesPerHistory): the public build "
+        "runs int(count x this) histories per spot record, so it sets the run time and the statistical "
+        "noise; records with count x this < 1 are not simulated at all. See dose.gy_per_unit.",
     )
     total_threads: int = Field(-1, description="TotalThreads: -1 lets the engine choose.")
     max_histories_per_batch: int = Field(
@@ -242,9 +237,6 @@ class TpsSettings(Strict):
         "FluenceMap", description="SourceType: spots from the delivery logs' fluence."
     )
     simulation_type: Literal["perBeam"] = Field("perBeam", description="SimulationType: one run per beam.")
-    normalize_total_histories: bool = Field(
-        False, description="NormalizeTotalHistories: the clinic build's history normalisation."
-    )
     score_to_ct_grid: bool = Field(False, description="ScoreToCTGrid: score on the CT grid, not the phantom.")
     output_format: OutputFormat = Field(
         "raw", description="OutputFormat of the dose: raw (converted here to RTDOSE) or dcm (collected)."
@@ -394,6 +386,31 @@ class DicomSettings(Strict):
     )
 
 
+class DoseSettings(Strict):
+    """The dose scale of the RTDOSE files, and what a dose must look like to be accepted."""
+
+    gy_per_unit: float = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Calibration: RTDOSE Gy = engine raw value x this x particles_per_history ^ the "
+        "profile's raw_dose_pph_power. Commissioned per machine and engine build (README).",
+    )
+    plausible_max_gy: tuple[float, float] = Field(
+        (1e-3, 1e3),
+        description="A beam whose maximum dose (Gy, after calibration) is outside [low, high] fails as "
+        "bad output; so does one that is all zero or holds NaN or infinity.",
+    )
+
+    @field_validator("plausible_max_gy")
+    @classmethod
+    def _range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not (0 < low < high < float("inf")):
+            raise ValueError("needs 0 < low < high, both finite")
+        return value
+
+
 class SensorSettings(Strict):
     """The file sensor: when a case folder in the scan folder becomes a case run, and how many run."""
 
@@ -466,6 +483,12 @@ class Settings(Strict):
     backend: BackendSettings = Field(BackendSettings(), description="Where engines run, on which GPUs.")
     ssh: SshSettings | None = Field(None, description="The GPU node over SSH (backend.kind: ssh).")
     dicom: DicomSettings = Field(DicomSettings(), description="The RTDOSE files written.")
+    dose: DoseSettings = Field(DoseSettings(), description="The dose scale and what an acceptable dose is.")
+    engine_profiles: dict[str, EngineProfile] = Field(
+        default={},
+        description="Profiles of engine builds besides the shipped ones (config/engine_profiles.yaml), "
+        "by name; engine.profile may name one.",
+    )
     sensor: SensorSettings = Field(SensorSettings(), description="The file sensor and how many cases run.")
     _source: Path | None = PrivateAttr(None)  # the config file; relative paths resolve beside it
 
@@ -473,6 +496,37 @@ class Settings(Strict):
     def _root_is_concrete(self) -> Settings:
         if placeholders(self.data_root):
             raise ValueError("data_root cannot contain placeholders")
+        return self
+
+    @model_validator(mode="after")
+    def _profile_fits(self) -> Settings:
+        shipped = shipped_profiles()
+        for name in self.engine_profiles:
+            if name in shipped:
+                raise ValueError(f"engine_profiles.{name}: a shipped profile has that name; choose another")
+        known = {**shipped, **self.engine_profiles}
+        if self.engine.profile not in known:
+            raise ValueError(
+                f"engine.profile {self.engine.profile!r} is not a known profile ({', '.join(sorted(known))})"
+            )
+        profile = known[self.engine.profile]
+        phantom = self.tps.phantom
+        if profile.integer_geometry:
+            lengths = [*phantom.unit_mm, *(phantom.position_mm or phantom_corner(phantom))]
+            if any(value != int(value) for value in lengths):
+                raise ValueError(
+                    f"tps.phantom: the {self.engine.profile} engine reads voxel sizes and the phantom's "
+                    f"position as whole mm; unit_mm {list(phantom.unit_mm)} and position "
+                    f"{list(phantom.position_mm or phantom_corner(phantom))} must be whole numbers "
+                    "(give position_mm, or dims whose half-widths are whole mm)"
+                )
+        plane = profile.two_centimeter_plane
+        if self.tps.two_centimeter_mode and math.prod(phantom.dims) < plane.min_phantom_voxels:
+            raise ValueError(
+                f"tps.phantom.dims {list(phantom.dims)}: with tps.two_centimeter_mode the "
+                f"{self.engine.profile} engine needs at least {plane.min_phantom_voxels} phantom voxels "
+                "(it sizes its scorer for the plane from them, and hangs if they are fewer)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -521,6 +575,11 @@ class Settings(Strict):
         return self._path(self.paths.output_dir, case_id=case_id)
 
     @property
+    def engine_profile(self) -> EngineProfile:
+        """The profile `engine.profile` names (checked when the settings were validated)."""
+        return {**shipped_profiles(), **self.engine_profiles}[self.engine.profile]
+
+    @property
     def required_ready_marker(self) -> str | None:
         """The ready marker a case folder must hold; None for sources with a quiet period (no marker)."""
         return self.case.ready_marker if self.sensor.quiet_seconds is None else None
@@ -537,6 +596,12 @@ class Settings(Strict):
 
     def max_running_cases(self) -> int:
         return self.sensor.max_running_cases or 2 * len(self.backend.gpus)
+
+
+def phantom_corner(phantom: PhantomSettings) -> tuple[float, float, float]:
+    """The default phantom position: centred on the beam axis, the beam entering its top face at z = 0."""
+    (nx, ny, nz), (ux, uy, uz) = phantom.dims, phantom.unit_mm
+    return (-nx * ux / 2, -ny * uy / 2, -nz * uz)
 
 
 def python_executable() -> str:

@@ -6,8 +6,9 @@ its command line (the command line must stay exactly the real tool's):
   MQI_STANDIN_<TOOL>_FAULT       error | segfault | hang   (TOOL = ENGINE or INTERPRETER)
   MQI_STANDIN_<TOOL>_FAULT_KEYS  comma list of keys the fault applies to
                                  (engine: beam numbers; interpreter: case ids); empty = all
-  MQI_STANDIN_<TOOL>_FAIL_FIRST  K: the first K launches for a key fail with an error
-                                 marker, later ones succeed (needs MQI_STANDIN_LAUNCH_LOG)
+  MQI_STANDIN_<TOOL>_FAIL_FIRST  K: the first K launches for a key fail with the tool's error
+                                 (engine: a CUDA error, exit 255; interpreter: `Error:`, exit 1),
+                                 later ones succeed (needs MQI_STANDIN_LAUNCH_LOG)
   MQI_STANDIN_<TOOL>_DURATION    seconds: take exactly this long (benchmarks)
   MQI_STANDIN_LAUNCH_LOG         path of a JSON-lines file; every launch appends a
                                  "start" and an "end" record
@@ -23,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 FAULTS = ("error", "segfault", "hang")
 
@@ -95,12 +97,16 @@ class Faults:
         return None
 
 
-def act_out(fault: str, message: str) -> None:
-    """Misbehave the way the real tools do: an error marker and exit 1, a segfault, or a hang."""
+def act_out(fault: str, message: str, error_line: str, error_exit: int, stream: TextIO | None = None) -> None:
+    """Misbehave the way the real tool does: its error line and exit code, a segfault, or a hang.
+
+    `error_line` is a format with one `{}` for the message (the engine's CUDA error, the
+    interpreter's `Error: ...`), written to `stream` (default stdout).
+    """
     sys.stdout.flush()
     if fault == "error":
-        print(f"ERROR: {message}", flush=True)
-        raise SystemExit(1)
+        print(error_line.format(message), file=stream or sys.stdout, flush=True)
+        raise SystemExit(error_exit)
     if fault == "segfault":
         signal.signal(signal.SIGSEGV, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGSEGV)

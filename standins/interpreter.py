@@ -1,140 +1,226 @@
-"""Stand-in for mqi_interpreter: turns a case folder into per-layer spot CSVs.
+"""Stand-in for mqi_interpreter: turns a case folder's machine logs into per-layer spot CSVs.
 
-Same command line and output layout as the real tool, so the orchestrator
+Same command line, output layout, rules and exit codes as the clinic's tool, read from its
+source (main_cli.py, parsers/, config_loader.py, moqui_generator.py), so the orchestrator
 cannot tell them apart:
 
     python -m standins.interpreter --logdir <case dir> --outputdir <out>
 
-writes `<out>/plan/<the RTPLAN>` and `<out>/log/<beam name, ':' -> '_'>/NN_EEE.EEMeV.csv`
-with rows `time_ms,x_mm,y_mm,MU` and no header. The spots come from the plan, not from
-the machine logs, so a line-scanning plan (which has no spots) is refused with a clear
-error. Faults are injected through `standins.faults` (tool INTERPRETER, key = case id).
+- The plan: the first `*.dcm` found anywhere under --logdir (sorted) whose name holds
+  RTPLAN, else the first one; it must be an RTPLAN whose beams name G1 or G2 (the room's
+  calibration, standins/machine_logs.py). Every control point of every beam needs
+  NominalBeamEnergy and CumulativeMetersetWeight. Setup fields are the beams named SETUP or
+  described as "Site Setup"; the others are treated, layer by layer (runs of equal energy).
+- Every folder of --logdir named by digits needs a PlanInfo.txt (patient, beam number and
+  stop layer checked against the plan) and gives its PlanRange monitor range codes.
+- Every `*.ptn` below --logdir, in sorted path order, is one layer, handed out to the
+  treated beams' layers in plan order; one CSV row per record: time = index x time gain,
+  x and y from the raw positions, MU = round(Dose1 x the range factor).
+- Writes `<out>/plan/<plan file>` and `<out>/log/<beam name, other than [A-Za-z0-9_-] -> _>/
+  NN_EEE.EEMeV.csv`, rows `time_ms,x_mm,y_mm,MU` (csv module: CRLF, no trailing comma).
+- Errors: one `Error: ...` line on stderr and exit 1 (2 for bad arguments), as the real one.
+  Like the real one it maps logs to layers by order alone: the orchestrator stages its input.
+
+Faults are injected through `standins.faults` (tool INTERPRETER, key = the --logdir folder's name).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
+import re
 import shutil
 import sys
 import time
-from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
 
 from standins.faults import Faults, act_out
-from tasks.casefolder.names import csv_dir_name
-from tasks.casefolder.plan import energy_layers, find_rtplans, fraction_metersets, setup_reason
-
-# Plausible delivery timing for the synthetic rows: a spot's dwell grows with its MU.
-MOVE_MS = 2.0
-DWELL_MS_PER_MU = 5.0
+from standins.machine_logs import (
+    CALIBRATIONS,
+    DOSE1,
+    RANGE_FACTORS,
+    RAW_X,
+    RAW_Y,
+    decode,
+    room_of,
+)
 
 
 class InterpreterError(Exception):
-    """The case cannot be interpreted; the message goes to stderr."""
+    """What the real tool reports as `Error: ...` with exit code 1."""
+
+
+def sanitised(name: str) -> str:
+    """The output folder of a beam: every character but [A-Za-z0-9_-] becomes '_'."""
+    return re.sub(r"[^a-zA-Z0-9_\-]", "_", name)
 
 
 def layer_csv_name(index: int, energy: float) -> str:
     """`01_150.00MeV.csv`: 1-based layer index and nominal energy, as the real tool names them."""
-    return f"{index:02d}_{energy:06.2f}MeV.csv"
+    return f"{index:02d}_{energy:.2f}MeV.csv"
 
 
-def _find_plan(logdir: Path) -> tuple[Path, Dataset]:
-    plans, unreadable = find_rtplans(logdir)
-    if len(plans) != 1:
-        found = ", ".join(str(path) for path, _ in plans) or "none"
-        details = "".join(f"; unreadable {path}: {reason}" for path, reason in unreadable)
-        raise InterpreterError(f"expected exactly one RTPLAN under {logdir}, found {found}{details}")
-    return plans[0]
+def is_setup(beam: Dataset) -> bool:
+    return str(beam.get("BeamName", "")) == "SETUP" or str(beam.get("BeamDescription", "")) == "Site Setup"
 
 
-def _floats(value: object) -> list[float]:
-    """A DICOM multi-value as floats; pydicom returns a single value bare (one spot)."""
-    return [float(v) for v in value] if isinstance(value, Iterable) else [float(value)]
+@dataclass(frozen=True)
+class TreatedBeam:
+    number: int
+    name: str
+    energies: list[float]  # per layer
 
 
-def _layer_rows(layer_points: tuple[Dataset, ...], mu_per_weight: float, label: str) -> list[str]:
-    """CSV rows for one energy layer: every spot with a positive weight, in plan order."""
-    rows = []
-    clock = 0.0
-    for point in layer_points:
-        if "ScanSpotMetersetWeights" not in point:
-            continue
-        weights = _floats(point.ScanSpotMetersetWeights)
-        positions = _floats(point.get("ScanSpotPositionMap", []))
-        if len(positions) != 2 * len(weights):
-            raise InterpreterError(f"{label}: ScanSpotPositionMap does not match ScanSpotMetersetWeights")
-        for spot, weight in enumerate(weights):
-            if weight <= 0:
-                continue
-            mu = weight * mu_per_weight
-            clock += MOVE_MS + DWELL_MS_PER_MU * mu
-            x, y = positions[2 * spot], positions[2 * spot + 1]
-            rows.append(f"{clock:.3f},{x:.3f},{y:.3f},{mu:.6f}")
-    return rows
+def find_plan(logdir: Path) -> tuple[Path, Dataset]:
+    found = sorted(logdir.rglob("*.dcm"))
+    if not found:
+        raise FileNotFoundError(f"No .dcm file found in {logdir} directory")
+    path = next((p for p in found if "rtplan" in p.name.lower()), found[0])
+    plan = pydicom.dcmread(path)
+    if plan.get("Modality") != "RTPLAN":
+        raise InterpreterError(f"Error: DICOM file is not an RTPLAN. Modality is {plan.get('Modality')!r}.")
+    return path, plan
 
 
-def _beam_tables(plan: Dataset) -> dict[str, dict[str, list[str]]]:
-    """{beam folder: {csv name: rows}} for every treatment beam; refuses line scanning."""
-    metersets = fraction_metersets(plan)
-    tables: dict[str, dict[str, list[str]]] = {}
-    for ion_beam in plan.get("IonBeamSequence", []):
-        number = int(ion_beam.BeamNumber)
-        name = str(ion_beam.BeamName)
-        label = f"beam {number} {name!r}"
-        if setup_reason(ion_beam, metersets.get(number)) is not None:
-            print(f"skipping {label}: not a treatment field", flush=True)
-            continue
-        scan_mode = str(ion_beam.get("ScanMode", ""))
-        if scan_mode != "MODULATED":
+def treated_beams(plan: Dataset) -> list[TreatedBeam]:
+    beams = []
+    for item in plan.get("IonBeamSequence", []):
+        name = str(item.get("BeamName", ""))
+        energies: list[float] = []
+        for point in item.get("IonControlPointSequence", []):
+            energy, weight = point.get("NominalBeamEnergy"), point.get("CumulativeMetersetWeight")
+            if energy is None or weight is None:
+                raise InterpreterError(
+                    f"Error: Missing NominalBeamEnergy or CumulativeMetersetWeight in a control point "
+                    f"for beam '{name}'."
+                )
+            if not energies or energies[-1] != float(energy):
+                energies.append(float(energy))
+        if not is_setup(item):
+            beams.append(TreatedBeam(int(item.BeamNumber), name, energies))
+    return beams
+
+
+def machine_room(plan: Dataset) -> str:
+    machines = " ".join(str(item.get("TreatmentMachineName", "")) for item in plan.get("IonBeamSequence", []))
+    if "G1" in machines and "G2" in machines:
+        raise InterpreterError("Error: RT Plan contains both G1 and G2 treatment machines")
+    room = room_of(machines)
+    if room is None:
+        raise InterpreterError("Error: No G1 or G2 found in TreatmentMachineName")
+    return room
+
+
+def _planinfo(folder: Path) -> dict[str, str]:
+    path = folder / "PlanInfo.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"Error: PlanInfo.txt not found in {folder.name}")
+    values = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.strip():
+            key, comma, value = line.partition(",")
+            if not comma:
+                raise InterpreterError(f"Error: Invalid line in {path}: {line!r}")
+            values[key.strip()] = value.strip()
+    return values
+
+
+def range_codes(logdir: Path, plan: Dataset, beams: list[TreatedBeam]) -> list[int]:
+    """Every digit folder's PlanInfo checked and its PlanRange codes, in sorted folder order."""
+    layers = {beam.number: len(beam.energies) for beam in beams}
+    codes: list[int] = []
+    for folder in sorted(p for p in logdir.iterdir() if p.is_dir() and p.name.isdigit()):
+        info = _planinfo(folder)
+        if info.get("DICOM_PATIENT_ID") != str(plan.PatientID):
             raise InterpreterError(
-                f"{label} has ScanMode {scan_mode or 'missing'}: this stand-in reads spots from "
-                "the plan and cannot interpret line scanning (its spots come from the machine "
-                "logs); use the real mqi_interpreter"
+                f"PlanInfo validation failed in {folder.name}: DICOM_PATIENT_ID "
+                f"{info.get('DICOM_PATIENT_ID')} does not match RTPLAN PatientID {plan.PatientID}."
             )
-        final_weight = float(ion_beam.FinalCumulativeMetersetWeight)
-        mu_per_weight = metersets[number] / final_weight
-        layers = energy_layers(ion_beam)
-        tables[csv_dir_name(name)] = {
-            layer_csv_name(index, layer.energy): _layer_rows(
-                layer.control_points, mu_per_weight, f"{label} layer {index}"
+        number = int(info.get("DICOM_BEAM_NUMBER", "-1"))
+        if number not in layers:
+            raise InterpreterError(
+                f"PlanInfo validation failed in {folder.name}: no beam {number} in the plan."
             )
-            for index, layer in enumerate(layers, start=1)
-        }
-        print(f"{label}: {len(layers)} layers, {metersets[number]:.3f} MU", flush=True)
-    if not tables:
-        raise InterpreterError("the plan has no treatment beams")
-    return tables
+        if not 1 <= int(info.get("STOP_LAYER_NUMBER", "0")) <= layers[number]:
+            raise InterpreterError(
+                f"PlanInfo validation failed in {folder.name}: STOP_LAYER_NUMBER out of range."
+            )
+        ranges = folder / "PlanRange.csv" if (folder / "PlanRange.csv").exists() else folder / "PlanRange.txt"
+        for line in ranges.read_text(encoding="utf-8", errors="replace").splitlines()[1:]:
+            if line.strip():
+                fields = line.split(",")
+                if len(fields) < 6:
+                    raise InterpreterError(f"Error: Invalid line format in {ranges}: {line!r}")
+                codes.append(int(fields[5]))
+    return codes
+
+
+def layer_rows(path: Path, room: str, code: int) -> list[list[object]]:
+    """The CSV rows of one PTN file: time, x, y as float32 values, MU as an integer."""
+    try:
+        records = decode(path.read_bytes())
+    except ValueError as bad:
+        raise InterpreterError(f"Error: {bad}. Cannot reshape.") from None
+    calibration = CALIBRATIONS[room]
+    factor = RANGE_FACTORS.get(code)
+    if factor is None:
+        print(f"Warning: Unrecognized monitor_range_code {code}. Defaulting factor to 1.0.", flush=True)
+        factor = 1.0
+    x, y = calibration.position(records[:, RAW_X], records[:, RAW_Y])
+    times = np.arange(len(records), dtype=np.float32) * calibration.time_gain_ms
+    mu = np.round(records[:, DOSE1] * factor).astype(int)
+    # beam-off samples are written too, with their (zero) counts
+    return [
+        [str(t), str(a), str(b), int(m)]
+        for t, a, b, m in zip(times, x, y, mu, strict=True)
+    ]
 
 
 def interpret(logdir: Path, outputdir: Path) -> None:
-    """Write the plan copy and the per-layer CSVs; nothing is written if any beam is refused."""
-    plan_path, plan = _find_plan(logdir)
-    print(f"plan: {plan_path}", flush=True)
-    tables = _beam_tables(plan)
+    plan_path, plan = find_plan(logdir)
+    print(f"Found RTPLAN: {plan_path}", flush=True)
+    room = machine_room(plan)
+    print(f"Selected config file: scv_init_{room}.txt", flush=True)
+    beams = treated_beams(plan)
+    ptns = sorted(logdir.glob("**/*.ptn"))
+    print(f"Found {len(ptns)} .ptn files.", flush=True)
+    codes = range_codes(logdir, plan, beams)
+    print("PlanInfo.txt files validated successfully.", flush=True)
+    print(f"Total dose monitor ranges loaded: {len(codes)}", flush=True)
     (outputdir / "plan").mkdir(parents=True, exist_ok=True)
     shutil.copy2(plan_path, outputdir / "plan" / plan_path.name)
-    for folder, files in tables.items():
-        beam_dir = outputdir / "log" / folder
-        beam_dir.mkdir(parents=True, exist_ok=True)
-        for name, rows in files.items():
-            (beam_dir / name).write_text("".join(row + "\n" for row in rows))
-        print(f"wrote {len(files)} layer files to {beam_dir}", flush=True)
+    index = 0
+    for beam in beams:
+        folder = outputdir / "log" / sanitised(beam.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        for layer, energy in enumerate(beam.energies, start=1):
+            if index >= len(ptns):
+                print(
+                    f"Warning: Not enough PTN data entries for beam '{beam.name}' layer {layer}.", flush=True
+                )
+                break
+            code = codes[index] if index < len(codes) else 0
+            with (folder / layer_csv_name(layer, energy)).open("w", newline="") as out:
+                csv.writer(out).writerows(layer_rows(ptns[index], room, code))
+            index += 1
+        print(f"beam '{beam.name}': {len(beam.energies)} layers written to {folder}", flush=True)
+    print("--- MQI Data Processing Completed Successfully ---", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run as the real tool runs: exit 0 on success, 1 on failure, 2 for bad arguments."""
     parser = argparse.ArgumentParser(
-        prog="mqi_interpreter (stand-in)", description="Write per-layer spot CSVs for a case folder."
+        prog="main_cli.py (stand-in)", description="Write per-layer spot CSVs from a case's machine logs."
     )
     parser.add_argument("--logdir", required=True, type=Path, help="the case folder")
     parser.add_argument("--outputdir", required=True, type=Path, help="where plan/ and log/ go")
     args = parser.parse_args(argv)
-    if not args.logdir.is_dir():
-        parser.error(f"--logdir {args.logdir} is not a folder")
-
     key = Path(os.path.abspath(args.logdir)).name
     faults = Faults.from_env("INTERPRETER")
     attempt = faults.previous_launches(key) + 1
@@ -143,16 +229,19 @@ def main(argv: list[str] | None = None) -> int:
     fault = faults.injected_fault(key, attempt)
     code = 1  # what the end record says if a fault or an error ends the run
     try:
+        print("--- MQI Data Processing Started ---", flush=True)
         if fault is None:
             try:
                 interpret(args.logdir, args.outputdir)
                 code = 0
-            except (InterpreterError, OSError, ValueError, AttributeError) as error:
-                print(f"mqi_interpreter stand-in: error: case {key}: {error}", file=sys.stderr)
+            except InterpreterError as error:
+                print(f"Error: Invalid data or configuration. {error}", file=sys.stderr, flush=True)
+            except FileNotFoundError as error:
+                print(f"Error: A required file was not found. {error}", file=sys.stderr, flush=True)
         if faults.duration is not None:
             time.sleep(max(0.0, started + faults.duration - time.monotonic()))
         if fault is not None:
-            act_out(fault, f"injected {fault} for case {key} (attempt {attempt})")
+            act_out(fault, f"injected {fault} for case {key} (attempt {attempt})", "Error: {}", 1, sys.stderr)
     finally:
         faults.record("end", key, exit=code)
     return code

@@ -5,7 +5,7 @@ same quantity, physical dose in Gy on the phantom grid, with a classic
 analytic pencil-beam model, so the pipeline yields believable dose without a
 GPU. It is a test double, not a commissioned beam model: no CT, no
 heterogeneities, no range shifter, no nuclear halo, parallel (non-divergent)
-beams, couch angle 0 and a head-first-supine patient assumed.
+beams.
 
 Model, per energy layer (all lengths in water, rho = 1 g/cm^3):
 
@@ -37,14 +37,11 @@ Model, per energy layer (all lengths in water, rho = 1 g/cm^3):
   is the sum of the spots' normalised 2-D Gaussians, each carrying
   MU * PROTONS_PER_MU protons, and S/rho is the depth dose above.
 
-Geometry (IEC 61217 gantry angle, patient head first supine, DICOM patient
-coordinates in mm): the beam direction is d = (-sin g, cos g, 0), so gantry 0
-travels +y (anterior to posterior) and gantry 90 travels -x. The beam's-eye
-view axes are u = (cos g, sin g, 0) (BEV x, in the rotation plane; +x at
-gantry 0) and v = (0, 0, 1) (BEV y, along the patient's z axis); (u, v, -d)
-is right-handed like IEC's beam-limiting-device system. A spot's (x, y) from
-the delivery log is its (u, v) in the isocentre plane. A voxel's depth is the
-distance back along -d from its centre to where its ray entered the box.
+Geometry: the public engine's beam-aligned water phantom (its source, mqi_tps_env.hpp
+setup_world and the gtr beam models): the beam axis is x = y = 0, the beam travels -z
+and enters the water at its surface (the phantom's top z face, or the given surface),
+a spot's (x, y) from the delivery log is its position across the beam, and a voxel's
+depth is surface - z at its centre. Gantry angle and isocentre play no part.
 
 Speed: voxels are sorted by depth once per beam. Per layer, sigma(z) grows
 monotonically with depth, so voxels fall into a few dozen runs of nearly equal
@@ -77,6 +74,9 @@ DEFAULT_SPOT_SIGMA_MM = 4.0
 # Protons per monitor unit. A real machine's calibration depends on energy and
 # chamber; this constant gives order-1 Gy for the sample case's spot weights.
 PROTONS_PER_MU = 1.0e8
+# Monitor counts per MU in the delivery logs' spot records (the interpreter's MU column):
+# the sample case writes its logs with it, the stand-in engine reads them back with it.
+COUNTS_PER_MU = 1000.0
 
 FINE_STEP_CM = 0.005  # 1-D depth grid for depth dose and scattering
 STRAGGLING_CUT = 6.0  # depth-dose tails are cut this many straggling sigmas past R0
@@ -184,43 +184,20 @@ class _EnergyModel:
         return np.sqrt(self.spot_sigma_mm**2 + mcs**2)
 
 
-def beam_axes(gantry_angle_deg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Unit vectors (direction d, BEV u, BEV v) in DICOM patient coordinates (see module doc)."""
-    angle = math.radians(gantry_angle_deg)
-    direction = np.array([-math.sin(angle), math.cos(angle), 0.0])
-    u = np.array([math.cos(angle), math.sin(angle), 0.0])
-    v = np.array([0.0, 0.0, 1.0])
-    return direction, u, v
-
-
 class _BeamGeometry:
-    """Every voxel's BEV coordinates and water depth for one beam, sorted by depth."""
+    """Every voxel's lateral coordinates and water depth, sorted by depth."""
 
-    def __init__(self, grid: PhantomGrid, isocentre_mm: Sequence[float], gantry_angle_deg: float):
-        direction, u_axis, v_axis = beam_axes(gantry_angle_deg)
+    def __init__(self, grid: PhantomGrid, surface_mm: float | None):
         nx, ny, nz = grid.dims
-        # Voxel-centre coordinates relative to the isocentre, broadcastable to (nz, ny, nx).
-        axes = [
-            start + (np.arange(n) + 0.5) * step - iso
-            for start, step, n, iso in zip(
-                grid.position, grid.spacing, (nx, ny, nz), isocentre_mm, strict=True
-            )
-        ]
-        rel = (axes[0][None, None, :], axes[1][None, :, None], axes[2][:, None, None])
-        u = sum(c * r for c, r in zip(u_axis, rel, strict=True) if c != 0.0)
-        v = sum(c * r for c, r in zip(v_axis, rel, strict=True) if c != 0.0)
-        # Depth: the shortest way back (along -d) to a face of the box, over the axes d crosses.
-        depth = np.full(grid.shape, np.inf)
-        for c, r, start, step, n, iso in zip(
-            direction, rel, grid.position, grid.spacing, (nx, ny, nz), isocentre_mm, strict=True
-        ):
-            if abs(c) < 1e-12:
-                continue
-            face = (start - iso) if c > 0 else (start + n * step - iso)
-            depth = np.minimum(depth, (r - face) / c)
-        u = np.broadcast_to(u, grid.shape).ravel()
-        v = np.broadcast_to(v, grid.shape).ravel()
-        depth = np.broadcast_to(depth, grid.shape).ravel()
+        x0, y0, z0 = grid.position
+        dx, dy, dz = grid.spacing
+        surface = z0 + nz * dz if surface_mm is None else surface_mm
+        x = x0 + (np.arange(nx) + 0.5) * dx
+        y = y0 + (np.arange(ny) + 0.5) * dy
+        depth = surface - (z0 + (np.arange(nz) + 0.5) * dz)
+        u = np.broadcast_to(x[None, None, :], grid.shape).ravel()
+        v = np.broadcast_to(y[None, :, None], grid.shape).ravel()
+        depth = np.broadcast_to(depth[:, None, None], grid.shape).ravel()
         self.shape = grid.shape
         self.order = np.argsort(depth, kind="stable")
         self.depth = depth[self.order]
@@ -267,19 +244,19 @@ def _fluence_at(
 
 def compute_dose(
     grid: PhantomGrid,
-    isocentre_mm: Sequence[float],
-    gantry_angle_deg: float,
     layers: Sequence[Layer],
     *,
+    surface_mm: float | None = None,
     spot_sigma_mm: float = DEFAULT_SPOT_SIGMA_MM,
     protons_per_mu: float = PROTONS_PER_MU,
     on_layer: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Physical dose (Gy) of one beam on `grid`, numpy shape (nz, ny, nx).
 
-    `on_layer(k)` (k 1-based) is called before each layer, so a caller can report progress.
+    The water surface is the grid's top z face unless `surface_mm` says where (a scoring plane
+    under water). `on_layer(k)` (k 1-based) is called before each layer, to report progress.
     """
-    beam = _BeamGeometry(grid, isocentre_mm, gantry_angle_deg)
+    beam = _BeamGeometry(grid, surface_mm)
     dose_sorted = np.zeros(beam.depth.size)
     for number, layer in enumerate(layers, start=1):
         if on_layer is not None:

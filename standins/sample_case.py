@@ -3,6 +3,10 @@
 For demos, tests and benchmarks, where no patient data may be used. The output is
 deterministic for given arguments (UIDs derive from the case id and seed), and every
 variation a test needs is a keyword, so a test writes a good case and breaks a copy.
+The clinic's interpreter reads it as it reads a real export (standins/machine_logs.py):
+the SETUP field's control points carry NominalBeamEnergy and CumulativeMetersetWeight,
+the machine logs use the room's calibration, and a LINE-scanning plan's spots come from
+its logs alone (raster lines), as in a real line-scanning delivery.
 
 Layout written:
     <parent>/<case id>/RP.<sop uid>.dcm     RT Ion Plan: optional SETUP beam 1, then treatment beams
@@ -29,6 +33,8 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 from config.settings import DEFAULT_READY_MARKER
+from standins.machine_logs import CALIBRATIONS, RANGE_FACTORS, encode, room_of
+from standins.pencil_beam import COUNTS_PER_MU
 from tasks.casefolder.deliveries import PLANRANGE_HEADER
 from tasks.casefolder.plan import RT_ION_PLAN_SOP_CLASS
 
@@ -42,12 +48,10 @@ MIN_ENERGY_MEV = 70.0
 MAX_LAYER_STEP_MEV = 5.0
 FIRST_IRRADIATION = datetime(2025, 4, 24, 1, 44, 8)
 MINUTES_BETWEEN_FIELDS = 4
-# PTN calibration of the clinic's G2 machine as documented for its log checker:
-# position = (raw - 16384) * gain; "beam on" samples have BeamOnOff above 49152.
-PTN_POSITION_OFFSET = 16384
-PTN_POSITION_GAIN_MM = 0.011
-PTN_BEAM_ON = 50000
+PTN_BEAM_ON = 50000  # BeamOnOff of a sample with the beam on (the interpreter does not read it)
 PTN_BEAM_OFF = 1000
+PTN_SPOT_SIZE = 800  # RawXSize, RawYSize (not read)
+LINE_STEP_MM = 0.6  # a line-scanning sample every 0.6 mm along the line
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -61,6 +65,7 @@ class _TreatmentBeam:
     spots: tuple[tuple[float, float], ...]
     weights: np.ndarray  # (layers, spots) meterset weights
     meterset: float  # MU
+    scan_mode: str  # MODULATED: spots in the plan and the logs; LINE: lines in the logs only
 
     @property
     def cumulative(self) -> list[float]:
@@ -103,7 +108,7 @@ def _energies(field: int, layers: int) -> tuple[float, ...]:
 
 
 def _treatment_beams(
-    count: int, first_number: int, layers: int, spots: int, angles: Sequence[float], seed: int
+    count: int, first_number: int, layers: int, spots: int, angles: Sequence[float], seed: int, scan_mode: str
 ) -> list[_TreatmentBeam]:
     rng = np.random.default_rng(seed)
     grid = _spot_grid(spots)
@@ -119,6 +124,7 @@ def _treatment_beams(
                 spots=grid,
                 weights=rng.uniform(0.05, 0.5, size=(layers, spots)).round(4),
                 meterset=round(float(rng.uniform(40.0, 120.0)), 4),
+                scan_mode=scan_mode,
             )
         )
     return beams
@@ -190,7 +196,11 @@ def _ion_beam(beam: _TreatmentBeam, machine: str, scan_mode: str) -> Dataset:
 
 
 def _setup_beam(machine: str) -> Dataset:
-    """Beam 1 of the clinic's real plan: a photon setup field with no meterset."""
+    """Beam 1 of the clinic's real plan: a photon setup field with no meterset.
+
+    As in a real export, its two control points carry NominalBeamEnergy 0 and
+    CumulativeMetersetWeight 0 then 1 (the clinic's interpreter requires both in every one).
+    """
     item = _common_beam(1, "SETUP", machine)
     item.BeamDescription = "Site Setup"
     item.RadiationType = "PHOTON"
@@ -200,9 +210,11 @@ def _setup_beam(machine: str) -> Dataset:
     for index in range(2):
         point = Dataset()
         point.ControlPointIndex = index
+        point.NominalBeamEnergy = "0"
         if index == 0:
             point.GantryAngle = "0"
             point.IsocenterPosition = ["0", "0", "0"]
+        point.CumulativeMetersetWeight = str(index)
         points.append(point)
     item.IonControlPointSequence = DicomSequence(points)
     return item
@@ -280,24 +292,60 @@ def _plan(
     return plan
 
 
-def _records(rows: list[list[int]]) -> bytes:
-    """Headerless big-endian uint16 records, as the machine writes its logs."""
-    return np.clip(np.asarray(rows, dtype=np.int64), 0, 0xFFFF).astype(">u2").tobytes()
+def range_code(energy: float) -> int:
+    """The monitor range code a layer is delivered with (PlanRange DOSE1_RANGE)."""
+    return 3 if energy >= 100.0 else 4
 
 
-def _ptn_rows(beam: _TreatmentBeam, layer: int) -> list[list[int]]:
-    """Per spot a beam-off move sample and two beam-on samples.
+def _spot_counts(beam: _TreatmentBeam, layer: int) -> np.ndarray:
+    """Monitor counts per spot of one layer: its MU times the stand-in's counts per MU."""
+    mu_per_weight = beam.meterset / beam.cumulative[-1]
+    return beam.weights[layer] * mu_per_weight * COUNTS_PER_MU
 
-    Columns: RawX, RawY, RawXSize, RawYSize, Dose1, Dose2, LayerNum, BeamOnOff.
+
+def _ptn_rows(beam: _TreatmentBeam, layer: int, machine: str) -> list[list[int]]:
+    """The layer's samples: Columns RawX, RawY, RawXSize, RawYSize, Dose1, Dose2, LayerNum, BeamOnOff.
+
+    Spot scanning: per spot a beam-off move sample, then two beam-on samples with half its
+    counts each. Line scanning: per row of spots a beam-off settle sample, then beam-on samples
+    every LINE_STEP_MM along the row, each with its share of the nearest spot's counts.
+    Dose1 is the count divided by the layer's monitor range factor, as the machine records it.
     """
-    size = round(SPOT_SIZE_MM / PTN_POSITION_GAIN_MM)
+    calibration = CALIBRATIONS[room_of(machine) or "G2"]
+    factor = RANGE_FACTORS[range_code(beam.energies[layer])]
+    counts = _spot_counts(beam, layer)
+
+    def sample(x: float, y: float, count: float, on: bool) -> list[int]:
+        raw_x, raw_y = calibration.raw(x, y)
+        dose = round(count / factor)
+        return [
+            raw_x,
+            raw_y,
+            PTN_SPOT_SIZE,
+            PTN_SPOT_SIZE,
+            dose,
+            dose,
+            layer + 1,
+            PTN_BEAM_ON if on else PTN_BEAM_OFF,
+        ]
+
     rows = []
-    for (x, y), weight in zip(beam.spots, beam.weights[layer], strict=True):
-        raw_x = PTN_POSITION_OFFSET + round(x / PTN_POSITION_GAIN_MM)
-        raw_y = PTN_POSITION_OFFSET + round(y / PTN_POSITION_GAIN_MM)
-        dose = round(weight * 5000)
-        rows.append([raw_x, raw_y, size, size, 0, 0, layer + 1, PTN_BEAM_OFF])
-        rows += [[raw_x, raw_y, size, size, dose, dose, layer + 1, PTN_BEAM_ON]] * 2
+    if beam.scan_mode == "MODULATED":
+        for (x, y), count in zip(beam.spots, counts, strict=True):
+            rows += [sample(x, y, 0, False), sample(x, y, count / 2, True), sample(x, y, count / 2, True)]
+        return rows
+    by_row: dict[float, list[tuple[float, float]]] = {}
+    for (x, y), count in zip(beam.spots, counts, strict=True):
+        by_row.setdefault(y, []).append((x, count))
+    for y, spots in sorted(by_row.items()):
+        xs = np.array([x for x, _ in spots])
+        start, stop = xs.min() - SPOT_SPACING_MM / 2, xs.max() + SPOT_SPACING_MM / 2
+        path = np.arange(start, stop + 1e-9, LINE_STEP_MM)
+        nearest = np.abs(path[:, None] - xs[None, :]).argmin(axis=1)
+        per_spot = np.bincount(nearest, minlength=len(xs))
+        rows.append(sample(float(path[0]), y, 0, False))
+        for x, spot in zip(path, nearest, strict=True):
+            rows.append(sample(float(x), y, spots[spot][1] / per_spot[spot], True))
     return rows
 
 
@@ -310,7 +358,7 @@ def _mgn_rows(beam: _TreatmentBeam, layer: int) -> list[list[int]]:
 
 
 def _write_delivery(
-    case_dir: Path, beam: _TreatmentBeam, fraction: int, patient_id: str, study_uid: str
+    case_dir: Path, beam: _TreatmentBeam, fraction: int, patient_id: str, study_uid: str, machine: str
 ) -> None:
     irradiated = FIRST_IRRADIATION + timedelta(
         days=fraction, minutes=MINUTES_BETWEEN_FIELDS * (beam.field - 1)
@@ -332,13 +380,13 @@ def _write_delivery(
     rows = [PLANRANGE_HEADER]
     for layer, energy in enumerate(beam.energies):
         name = f"L{layer + 1:03d}"
-        (folder / f"{name}.ptn").write_bytes(_records(_ptn_rows(beam, layer)))
-        (folder / f"{name}.mgn").write_bytes(_records(_mgn_rows(beam, layer)))
-        range_code = 3 if energy >= 100.0 else 4
+        (folder / f"{name}.ptn").write_bytes(encode(_ptn_rows(beam, layer, machine)))
+        (folder / f"{name}.mgn").write_bytes(encode(_mgn_rows(beam, layer)))
+        code = range_code(energy)
         rows.append(
             f"{100000 * (fraction + 1) + 1000 * beam.number + layer + 1},{layer + 1},"
-            f"{energy:.2f},{patient_id},{beam.number},{range_code},{range_code},"
-            f"{range_code},{range_code},{name}.ptn,PLAN_{name}.ptn"
+            f"{energy:.2f},{patient_id},{beam.number},{code},{code},"
+            f"{code},{code},{name}.ptn,PLAN_{name}.ptn"
         )
     (folder / "PlanRange.txt").write_text("\n".join(rows) + "\n")
 
@@ -377,12 +425,14 @@ def write_sample_case(
     case_dir = Path(parent) / case_id
     case_dir.mkdir(parents=True, exist_ok=False)
     patient = default_patient_id(case_id) if patient_id is None else patient_id
-    treatment = _treatment_beams(beams, 2 if setup_beam else 1, layers, spots_per_layer, angles, seed)
+    treatment = _treatment_beams(
+        beams, 2 if setup_beam else 1, layers, spots_per_layer, angles, seed, scan_mode
+    )
     plan = _plan(case_id, seed, patient, machine, scan_mode, treatment, setup_beam)
     plan.save_as(case_dir / f"RP.{plan.SOPInstanceUID}.dcm", enforce_file_format=True)
     for fraction in range(fractions):
         for beam in treatment:
-            _write_delivery(case_dir, beam, fraction, patient, plan.StudyInstanceUID)
+            _write_delivery(case_dir, beam, fraction, patient, plan.StudyInstanceUID, machine)
     if ready_marker:
         (case_dir / ready_marker).touch()
     return case_dir

@@ -1,73 +1,78 @@
-"""Stand-in for MOQUI's `tps_env`: same command line, same input and output files, no GPU.
+"""Stand-in for MOQUI's `tps_env` (the public build, moqui_rev v1.0.8): same command line, input
+rules, files, log lines and exit codes, a numpy pencil-beam model instead of the GPU Monte Carlo.
 
     python -m standins.tps_env <input.in>      (real engine: tps_env <input.in>)
 
-Run it in the engine's directory: relative paths in the input resolve from the
-working directory, as they do for the real engine. It reads the moqui_tps.in
-keys the real engine reads for a phantom, per-beam, log-driven run (GPUID is
-only recorded, there is no cudaSetDevice), finds the RT Ion Plan in DicomDir
-by its Modality header, the beam's per-layer delivery CSVs under
-`<logFilePath>/<beam name with ':' -> '_'>/NN_EEE.EEMeV.csv`, computes the
-dose with the analytic pencil-beam model of `standins.pencil_beam` (one batch
-per energy layer) and writes `OUTPUT_NAME_PATTERN` in OutputDir.
+What it does, as the engine's source says (moqui/base/mqi_file_handler.hpp, environments/
+mqi_tps_env.hpp, the gtr beam models) and as running its CPU build showed:
+- Input: one `Key Value` per line, split at the first space; keys case-insensitive, the first
+  of duplicate keys wins, unknown keys ignored, `#` starts a comment anywhere, integers read
+  like atoi (`2.0` is 2), floats like atof, a bool is `true` or a non-zero integer; a line of
+  only white space, or a key with no value, aborts.
+- Folders: with UseAbsolutePath false, `ParentDir/DicomDir` and `ParentDir/logFilePath`
+  (string joins, relative to the working directory); with true it aborts ("Log Dir is not
+  provided"): the public build's absolute mode never sets the log folder.
+- `BeamNumbers k`: the plan beam numbered k; its name (and the output's) from the k-th beam
+  of IonBeamSequence; its layer CSVs from the k-th entry, sorted, of the log folder.
+- Layer CSVs: every `*.csv` of that folder, sorted; the energy from the name
+  (`NN_EEE.EEMeV.csv`); the whole file split at commas and read in groups of four
+  (time, x, y, count): rows without a trailing comma are misread as the engine misreads them.
+  A record runs int(count x ParticlesPerHistory) histories (ParticlesPerHistory defaults to
+  -1); the dose is that many protons' dose, times ParticlesPerHistory, as the engine scales it.
+- Geometry: the beam-aligned water phantom (beam axis x = y = 0, travelling -z into the top
+  face); gantry and isocentre are not applied. TwoCentimeterMode scores the profile's plane.
+- Output: `OutputDir/<BeamName>_<child>_<Scorer>.raw` (child 1 for the phantom, 2 in
+  TwoCentimeterMode), float64, x fastest; OutputDir is made if its parent exists, else
+  `Cannot write :<file>` and exit 0.
+- Log: the engine's lines (`Total beamlets (Spots) : N`, `Total histories (Particles) : H`,
+  `Uploading particles with batch..`, `Generating particles for (k of N batches) in CPU ..`,
+  `Time taken by MC engine: X milli-seconds`); an error is an uncaught exception
+  (`terminate called after throwing ...` / `what(): ...` on stderr, then SIGABRT: exit 134).
 
-Stricter than the real engine on purpose, so an orchestrator bug shows up as
-an `ERROR:` line instead of a silently different run: GantryNum must be 1 or
-2, UsingPhantomGeo must be true, Scorer must be Dose, and SimulationType /
-SourceType, when present, must be perBeam / FluenceMap. OutputFormat raw and
-npz are written; dcm, mhd and mha are refused. RandomSeed,
-MaxHistoriesPerBatch and NormalizeTotalHistories do not change the result (an
-analytic model has no statistical noise).
-
-Stdout mirrors the engine's log markers, one flushed line each:
-`Simulating beam B (name) with N batches`, `Generating particles for (k of N
-batches)`, `Total execution time: X.XX s`; failures print a line starting
-`ERROR:` and exit 1. Faults and benchmark durations come from
-`standins.faults` (`MQI_STANDIN_ENGINE_*`), keyed by the BeamNumbers value.
+Stricter than the engine where it would silently compute something else, so an
+orchestrator bug shows as an abort: GantryNum other than 1 or 2, a CT geometry, range
+shifters and blocks, perSpot simulation, more than one beam, output formats other than raw,
+a first control point with non-zero gantry, couch or collimator angle (the engine rotates
+its phantom by them: zero or wrong dose), and a TwoCentimeterMode phantom too small for its
+plane (the engine hangs). Faults and benchmark durations come from `standins.faults`
+(`MQI_STANDIN_ENGINE_*`), keyed by the BeamNumbers value.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from config.settings import OUTPUT_FORMATS
+from config.profiles import shipped_profiles
 from standins.faults import Faults, act_out
-from standins.pencil_beam import Layer, compute_dose
+from standins.pencil_beam import COUNTS_PER_MU, Layer, compute_dose
 from tasks.moqui.grid import PhantomGrid
-from tasks.moqui.tps_file import TpsFormatError, read_tps
 
-# Name of the dose file in OutputDir, e.g. "1G180:TX_2_Dose.raw". The beam name is
-# the plan's BeamName verbatim (':' kept); the orchestrator's own pattern is
-# configurable and must match this for the stand-in.
-OUTPUT_NAME_PATTERN = "{beam_name}_{beam_number}_{scorer}.{ext}"
-
-REQUIRED_KEYS = (
-    "GPUID",
-    "DicomDir",
-    "logFilePath",
-    "GantryNum",
-    "BeamNumbers",
-    "UsingPhantomGeo",
-    "Scorer",
-    "OutputDir",
-    "OutputFormat",
-)
-WRITTEN_FORMATS = ("raw", "npz")  # npz holds one array named "dose", shape (nz, ny, nx)
-LAYER_FILE = re.compile(r"^(\d+)_(\d+(?:\.\d+)?)MeV\.csv$")
+PUBLIC = "moqui-smc-public"
+SCORERS = ("EnergyDeposition", "Dose", "LETd", "LETt", "Dij", "TrackLength")
+ZEROED_ANGLES = ("GantryAngle", "PatientSupportAngle", "BeamLimitingDeviceAngle")
+_INT = re.compile(r"\s*[+-]?\d+")
+_FLOAT = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
-class EngineError(Exception):
-    """Bad input: reported as an `ERROR:` line and exit code 1, like the real engine."""
+class Abort(Exception):
+    """An uncaught C++ exception in the engine: `what():` on stderr, then SIGABRT."""
+
+    def __init__(self, what: str, kind: str = "std::runtime_error") -> None:
+        super().__init__(what)
+        self.kind = kind
 
 
 def say(line: str) -> None:
@@ -75,101 +80,70 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-@dataclass(frozen=True)
-class Beam:
-    number: int
-    name: str
-    gantry_angle_deg: float
-    isocentre_mm: tuple[float, float, float]
+def atoi(text: str) -> int:
+    match = _INT.match(text)
+    return int(match.group()) if match else 0
 
 
-def _flag(values: Mapping[str, str], key: str, default: bool) -> bool:
-    text = values.get(key)
-    if text is None:
-        return default
-    if text.lower() in ("true", "1"):
-        return True
-    if text.lower() in ("false", "0"):
-        return False
-    raise EngineError(f"{key} must be true or false, not {text!r}")
+def atof(text: str) -> float:
+    match = _FLOAT.match(text)
+    return float(match.group()) if match else 0.0
 
 
-def _gpu_id(text: str | None) -> int | str | None:
-    """GPUID for the launch record: the integer when it is one, else the text as given."""
-    try:
-        return int(text) if text is not None else None
-    except ValueError:
-        return text
+def stoi(token: str) -> int:
+    match = _INT.match(token)
+    if match is None:
+        raise Abort("stoi", "std::invalid_argument")
+    return int(match.group())
 
 
-def _integer(values: Mapping[str, str], key: str) -> int:
-    try:
-        return int(values[key])
-    except ValueError:
-        raise EngineError(f"{key} must be an integer, not {values[key]!r}") from None
+def stof(token: str) -> float:
+    match = _FLOAT.match(token)
+    if match is None:
+        raise Abort("stof", "std::invalid_argument")
+    return float(match.group())
 
 
-def find_rtplan(dicom_dir: Path) -> pydicom.Dataset:
-    """The one RT Ion Plan in `dicom_dir`, recognised by its Modality header, not its file name."""
-    if not dicom_dir.is_dir():
-        raise EngineError(f"DicomDir not found: {dicom_dir}")
-    plans = []
-    for path in sorted(p for p in dicom_dir.iterdir() if p.is_file()):
-        try:
-            dataset = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError):
-            continue
-        if dataset.get("Modality") == "RTPLAN":
-            plans.append((path, dataset))
-    if not plans:
-        raise EngineError(f"no RTPLAN DICOM file in DicomDir {dicom_dir}")
-    if len(plans) > 1:
-        names = ", ".join(path.name for path, _ in plans)
-        raise EngineError(f"several RTPLAN files in DicomDir {dicom_dir}: {names}")
-    return plans[0][1]
+class EngineInput:
+    """moqui_tps.in read the engine's way (mqi_file_handler.hpp read_input_parameters, get_*)."""
 
+    def __init__(self, text: str) -> None:
+        self.lines: list[str] = []
+        for raw in text.split("\n"):
+            if not raw:
+                continue
+            line = raw.strip(" \f\n\r\t\v")
+            if not line:  # trim_copy of white space only: substr(npos) throws
+                raise Abort("basic_string::substr: __pos > this->size()", "std::out_of_range")
+            if line.startswith("#"):
+                continue
+            self.lines.append(line.split("#", 1)[0])
 
-def plan_beam(plan: pydicom.Dataset, number: int) -> Beam:
-    """Name, gantry angle and isocentre of beam `number` from the plan's first control point."""
-    for item in plan.get("IonBeamSequence", []):
-        if int(item.get("BeamNumber", -1)) != number:
-            continue
-        name = item.get("BeamName")
-        points = item.get("IonControlPointSequence", [])
-        if not name or not points or points[0].get("GantryAngle") is None:
-            raise EngineError(f"beam {number} in the plan lacks BeamName or a first GantryAngle")
-        isocentre = next((p.IsocenterPosition for p in points if "IsocenterPosition" in p), [])
-        if len(isocentre) != 3:
-            raise EngineError(f"beam {number} in the plan has no IsocenterPosition (x, y, z)")
-        x, y, z = (float(c) for c in isocentre)
-        return Beam(number, str(name), float(points[0].GantryAngle), (x, y, z))
-    raise EngineError(f"BeamNumbers {number}: no such beam in the plan's IonBeamSequence")
+    def get(self, key: str) -> str | None:
+        for line in self.lines:
+            name, space, value = line.partition(" ")
+            if space and name.strip().lower() == key.lower():
+                value = value.strip(" \f\n\r\t\v")
+                if not value:
+                    raise Abort("basic_string::substr: __pos > this->size()", "std::out_of_range")
+                return value
+        return None
 
+    def text(self, key: str, default: str = "") -> str:
+        value = self.get(key)
+        return default if value is None else value
 
-def read_layers(log_dir: Path, beam: Beam) -> list[Layer]:
-    """The beam's energy layers from `NN_EEE.EEMeV.csv` files (rows time_ms,x_mm,y_mm,MU), by NN."""
-    folder = log_dir / beam.name.replace(":", "_")
-    if not folder.is_dir():
-        raise EngineError(f"log folder for beam {beam.number} ({beam.name}) not found: {folder}")
-    found = []
-    for path in folder.iterdir():
-        match = LAYER_FILE.match(path.name)
-        if match is None:
-            continue
-        text = path.read_text(encoding="utf-8")
-        if text.strip():
-            try:
-                rows = np.loadtxt(text.splitlines(), delimiter=",", ndmin=2)
-            except ValueError as bad:
-                raise EngineError(f"unreadable log file {path}: {bad}") from None
-            if rows.shape[1] != 4:
-                raise EngineError(f"log file {path} has {rows.shape[1]} columns, expected 4")
-        else:
-            rows = np.zeros((0, 4))
-        found.append((int(match[1]), Layer(float(match[2]), rows[:, 1:3], rows[:, 3])))
-    if not found:
-        raise EngineError(f"no NN_EEE.EEMeV.csv layer files in {folder}")
-    return [layer for _, layer in sorted(found, key=lambda pair: pair[0])]
+    def integer(self, key: str, default: int) -> int:
+        value = self.get(key)
+        return default if value is None else atoi(value)
+
+    def number(self, key: str, default: float) -> float:
+        value = self.get(key)
+        return default if value is None else atof(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.get(key)
+        return default if value is None else (value.lower() == "true" or atoi(value) != 0)
 
 
 @dataclass(frozen=True)
@@ -177,65 +151,202 @@ class Run:
     """One validated engine run, everything read from disk before any simulation starts."""
 
     grid: PhantomGrid
-    beam: Beam
+    surface_mm: float | None
+    beam_number: int
+    beam_name: str
     layers: list[Layer]
+    histories: list[int]  # per layer
+    beamlets: int
+    pph: float
     output: Path
-    output_format: str
+    max_batch: int
 
 
-def prepare(values: Mapping[str, str], source: str) -> Run:
-    """Check the input, read plan and logs, and decide the output file; raise EngineError if bad."""
-    missing = [key for key in REQUIRED_KEYS if key not in values]
-    if missing:
-        raise EngineError(f"{source}: missing required key(s): {', '.join(missing)}")
-    try:
-        grid = PhantomGrid.from_tps(values, source)
-    except TpsFormatError as bad:
-        raise EngineError(str(bad)) from None
-    _integer(values, "GPUID")  # only recorded, but a real engine would fail on a bad one
-    if _integer(values, "GantryNum") not in (1, 2):
-        raise EngineError(f"GantryNum must be 1 or 2, not {values['GantryNum']}")
-    if not _flag(values, "UsingPhantomGeo", default=False):
-        raise EngineError("UsingPhantomGeo false (CT geometry) is not supported by the stand-in")
-    if _flag(values, "ScoreToCTGrid", default=False):
-        raise EngineError("ScoreToCTGrid true is not supported by the stand-in")
-    for key, supported in (("SimulationType", "perBeam"), ("SourceType", "FluenceMap"), ("Scorer", "Dose")):
-        if values.get(key, supported) != supported:
-            raise EngineError(f"{key} {values[key]} is not supported by the stand-in ({supported})")
-    output_format = values["OutputFormat"]
-    if output_format not in OUTPUT_FORMATS:
-        raise EngineError(f"unknown OutputFormat {output_format!r}")
-    if output_format not in WRITTEN_FORMATS:
-        raise EngineError(
-            f"OutputFormat {output_format} is not supported by the stand-in "
-            f"(use {' or '.join(WRITTEN_FORMATS)})"
+def find_rtplan(dicom_dir: str) -> Dataset:
+    folder = Path(dicom_dir)
+    if not folder.is_dir():
+        raise Abort("There is no RTPLAN in the path. Exiting.")
+    plans = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            dataset = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError):
+            continue
+        if dataset.get("Modality") == "RTPLAN":
+            plans.append((path, dataset))
+    if not plans:
+        raise Abort("There is no RTPLAN in the path. Exiting.")
+    if len(plans) > 1:
+        say("There are multiple RTPLANs in the path. Selecting the first one")
+    say(f"Reading DICOM directory.. : Loading RT Ion plan data from {plans[0][0]} ..")
+    return plans[0][1]
+
+
+def plan_beam(plan: Dataset, number: int) -> tuple[Dataset, str]:
+    """The beam numbered `number`, and the name the engine gives it (the number-th of the sequence)."""
+    beams = list(plan.get("IonBeamSequence", []))
+    found = [item for item in beams if int(item.get("BeamNumber", -1)) == number]
+    if not found:
+        raise Abort("Invalid beam number.")
+    if not 1 <= number <= len(beams):
+        raise Abort("std::bad_alloc", "std::bad_alloc")
+    beam = found[0]
+    points = beam.get("IonControlPointSequence", [])
+    if not points or points[0].get("SnoutPosition") is None:  # the engine dereferences it: a crash
+        sys.stdout.flush()
+        signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGSEGV)
+    turned = {
+        k: float(points[0][k].value) for k in ZEROED_ANGLES if k in points[0] and float(points[0][k].value)
+    }
+    if turned:
+        raise Abort(
+            f"stand-in: beam {number}'s first control point has {turned}: the public engine rotates its "
+            "beam-aligned phantom by these angles (zero or wrong dose); give it a plan copy with them at 0"
         )
-    beam = plan_beam(find_rtplan(Path(values["DicomDir"])), _integer(values, "BeamNumbers"))
-    layers = read_layers(Path(values["logFilePath"]), beam)
-    name = OUTPUT_NAME_PATTERN.format(
-        beam_name=beam.name, beam_number=beam.number, scorer=values["Scorer"], ext=output_format
+    if int(beam.get("NumberOfRangeShifters") or 0) or int(beam.get("NumberOfBlocks") or 0):
+        raise Abort(
+            f"stand-in: beam {number} has range shifters or blocks, which the stand-in does not model"
+        )
+    return beam, str(beams[number - 1].get("BeamName", "")).strip(" \f\n\r\t\v")
+
+
+def layer_energy(name: str) -> float:
+    """The layer's energy from its file name, the engine's way (`01_150.00MeV.csv` -> 150)."""
+    stem = name[: name.find(".csv")]
+    return stof(stem[stem.find("_") + 1 :])
+
+
+def read_records(path: Path) -> list[tuple[float, float, int]]:
+    """(x, y, count) records of one layer file: the whole file split at commas, in groups of four."""
+    tokens = path.read_text(encoding="utf-8", errors="replace").split(",")
+    return [
+        (stof(tokens[i + 1]), stof(tokens[i + 2]), stoi(tokens[i + 3])) for i in range(0, len(tokens) - 3, 4)
+    ]
+
+
+def read_layers(log_dir: str, number: int, pph: float) -> tuple[list[Layer], list[int], int]:
+    """The beam's layers from the number-th entry of the log folder: layers, histories, beamlets."""
+    folder = Path(log_dir)
+    say(f"Reading log file directory.. : Directory name --> {log_dir}")
+    try:
+        entries = sorted(os.path.join(log_dir, name) for name in os.listdir(folder))
+    except OSError as error:
+        raise Abort(
+            f"filesystem error: directory iterator cannot open directory: {error.strerror} [{log_dir}]",
+            "std::filesystem::__cxx11::filesystem_error",
+        ) from None
+    layers, histories, beamlets = [], [], 0
+    if len(entries) >= number:
+        field = Path(entries[number - 1])
+        if not field.is_dir():
+            raise Abort(
+                f"filesystem error: directory iterator cannot open directory: Not a directory [{field}]",
+                "std::filesystem::__cxx11::filesystem_error",
+            )
+        for path in sorted(p for p in field.iterdir() if p.suffix == ".csv"):
+            say(f"Reading log file information in the field directory.. : {path}..")
+            energy = layer_energy(path.name)
+            records = read_records(path)
+            counts = [int(count * pph) for _, _, count in records]  # stored as int: truncated
+            spots = np.array([(x, y) for x, y, _ in records], dtype=float).reshape(-1, 2)
+            layers.append(Layer(energy, spots, np.array(counts, dtype=float) / COUNTS_PER_MU))
+            histories.append(sum(counts))
+            beamlets += len(records)
+    say(f"Reading log file information for beam {number} is complete!")
+    return layers, histories, beamlets
+
+
+def prepare(values: EngineInput) -> Run:
+    """Check the input, read plan and logs, decide the output file; raise Abort if the engine would."""
+    say(f"Reading GPU ID.. : Selected GPU ID --> {values.integer('GPUID', 0)}")
+    gantry = values.integer("GantryNum", 2)
+    if gantry not in (1, 2):
+        raise Abort(f"stand-in: GantryNum {values.get('GantryNum')} (the engine silently takes 2)")
+    say(f"Selected gantry number : {gantry}")
+    out_dir = values.get("OutputDir")
+    if out_dir is None:
+        raise Abort("Output directory is not provided.")
+    say(f"Setting output.. : Output directory name --> {out_dir}")
+    if values.flag("UseAbsolutePath", False):
+        if values.get("ParentDir") is None:
+            raise Abort("ParentDir is not provided")
+        raise Abort("Log Dir is not provided")
+    parent = values.get("ParentDir")
+    if parent is None:
+        raise Abort("ParentDir is not provided")
+    dicom_dir = parent + "/" + values.text("DicomDir")
+    log_dir = parent + "/" + values.text("logFilePath")
+    if not values.flag("UsingPhantomGeo", False):
+        raise Abort("stand-in: UsingPhantomGeo false (a CT geometry) is not modelled")
+    if values.text("SimulationType", "perBeam") != "perBeam":
+        raise Abort("stand-in: only SimulationType perBeam is modelled")
+    scorer = values.text("Scorer", "EnergyDeposition")
+    if scorer.lower() not in (s.lower() for s in SCORERS):
+        raise Abort("Unrecognized scorer name")
+    if values.text("OutputFormat", "raw").lower() != "raw":
+        raise Abort(f"stand-in: OutputFormat {values.get('OutputFormat')} (the stand-in writes raw only)")
+    numbers = values.get("BeamNumbers")
+    if numbers is None:
+        raise Abort("basic_string::substr: __pos > this->size()", "std::out_of_range")
+    beams = [atoi(part) for part in numbers.split(",")]
+    if len(beams) != 1 or beams[0] < 1:
+        raise Abort(f"stand-in: BeamNumbers {numbers}: the stand-in runs exactly one beam")
+    number = beams[0]
+    if Path(out_dir).is_dir() and not values.flag("OverwriteResults", False):
+        raise Abort("Output directory exists.")
+    say(f"Reading DICOM directory.. : DICOM directory name --> {dicom_dir}")
+    plan = find_rtplan(dicom_dir)
+    _, name = plan_beam(plan, number)
+    say(f"Creating beam source object.. : Currently selected beam --> {number} ({name})")
+    pph = values.number("ParticlesPerHistory", -1.0)
+    layers, histories, beamlets = read_layers(log_dir, number, pph)
+    dims = tuple(values.integer(f"PhantomDim{a}", 200) for a in "XYZ")
+    units = tuple(float(values.integer(f"PhantomUnit{a}", 1)) for a in "XYZ")
+    corner = tuple(float(values.integer(f"PhantomPosition{a}", 1)) for a in "XYZ")
+    grid, surface, child = PhantomGrid(dims, units, corner), None, 1  # type: ignore[arg-type]
+    if values.flag("TwoCentimeterMode", False):
+        plane = shipped_profiles()[PUBLIC].two_centimeter_plane
+        if math.prod(dims) < plane.min_phantom_voxels:
+            raise Abort(
+                f"stand-in: TwoCentimeterMode with a {dims} phantom: the engine sizes its scorer table from "
+                f"the phantom ({math.prod(dims)} < {plane.min_phantom_voxels} voxels) and hangs"
+            )
+        grid = PhantomGrid(plane.dims, plane.spacing_mm, plane.position_mm)
+        surface, child = plane.surface_mm, 2
+    return Run(
+        grid=grid,
+        surface_mm=surface,
+        beam_number=number,
+        beam_name=name,
+        layers=layers,
+        histories=histories,
+        beamlets=beamlets,
+        pph=pph,
+        output=Path(out_dir) / f"{name}_{child}_{scorer}.raw",
+        max_batch=values.integer("MaxHistoriesPerBatch", 0),
     )
-    output = Path(values["OutputDir"]) / name
-    if output.exists() and not _flag(values, "OverwriteResults", default=False):
-        raise EngineError(f"output file exists and OverwriteResults is false: {output}")
-    return Run(grid, beam, layers, output, output_format)
 
 
-def write_dose(dose: np.ndarray, output: Path, output_format: str) -> None:
-    """Write under a temporary name in the same folder, then rename: never a partial final file."""
-    output.parent.mkdir(parents=True, exist_ok=True)
+def write_dose(dose: np.ndarray, output: Path) -> bool:
+    """Write under a temporary name, then rename; False (after `Cannot write`) if the folder cannot exist."""
+    folder = output.parent
+    if not folder.is_dir():
+        try:
+            folder.mkdir(mode=0o755)  # one level, as the engine's mkdir
+        except OSError:
+            say(f"Cannot write :{output}")
+            return False
     partial = output.with_name(f".{output.name}.{os.getpid()}.part")
     try:
         with open(partial, "wb") as stream:
-            if output_format == "raw":
-                np.ascontiguousarray(dose, dtype=np.float64).tofile(stream)
-            else:
-                np.savez(stream, dose=dose)
+            np.ascontiguousarray(dose, dtype="<f8").tofile(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(partial, output)
     finally:
         partial.unlink(missing_ok=True)
+    return True
 
 
 def placeholder_dose(grid: PhantomGrid) -> np.ndarray:
@@ -246,35 +357,51 @@ def placeholder_dose(grid: PhantomGrid) -> np.ndarray:
     return dose
 
 
-def simulate(run: Run, faults: Faults, key: str, attempt: int, started: float) -> None:
+def simulate(run: Run, faults: Faults, key: str, attempt: int, started: float) -> bool:
     """Log, compute (or act out a fault, or pace a benchmark run) and write the dose."""
-    batches = len(run.layers)
+    total = sum(run.histories) % 2**64  # the engine sums into a size_t: negatives wrap
+    say(f"Total beamlets (Spots) : {run.beamlets}")
+    say(f"Total histories (Particles) : {total}")
+    signed = sum(run.histories)
+    batches = 0 if signed <= 0 else (1 if run.max_batch <= 0 else math.ceil(signed / run.max_batch))
+    if run.max_batch <= 0:
+        say(f"Uploading particles with no batch.. : Particle count --> {total}")
+    else:
+        say(f"Uploading particles with batch.. : Particle count --> {run.max_batch} with {batches} batches")
+    groups = np.array_split(np.arange(len(run.layers)), max(batches, 1))
 
     def progress(batch: int) -> None:
-        say(f"Generating particles for ({batch} of {batches} batches)")
+        say(f"Generating particles for ({batch} of {batches} batches) in CPU ..")
 
-    say(f"Simulating beam {run.beam.number} ({run.beam.name}) with {batches} batches")
     fault = faults.injected_fault(key, attempt)
     if fault is not None:
         progress(1)
         act_out(
             fault,
-            f"CUDA error: an illegal memory access was encountered "
-            f"(stand-in injected {fault}, launch {attempt} of beam {key})",
+            f"an illegal memory access was encountered (stand-in injected {fault}, launch {attempt} "
+            f"of beam {key}) 700",
+            "CUDA error: {}",
+            255,
         )
     if faults.duration is not None:
         # Benchmark mode: the wall-clock time is the product, so sleeping is the point.
-        dose = placeholder_dose(run.grid)
         for batch in range(1, batches + 1):
-            time.sleep(max(0.0, started + faults.duration * (batch - 1) / batches - time.perf_counter()))
+            time.sleep(
+                max(0.0, started + faults.duration * (batch - 1) / max(batches, 1) - time.perf_counter())
+            )
             progress(batch)
-        write_dose(dose, run.output, run.output_format)
+        written = write_dose(placeholder_dose(run.grid), run.output)
         time.sleep(max(0.0, started + faults.duration - time.perf_counter()))
-    else:
-        dose = compute_dose(
-            run.grid, run.beam.isocentre_mm, run.beam.gantry_angle_deg, run.layers, on_layer=progress
-        )
-        write_dose(dose, run.output, run.output_format)
+        return written
+    dose = np.zeros(run.grid.shape)
+    if batches:
+        for batch, group in enumerate(groups, start=1):
+            progress(batch)
+            chosen = [run.layers[i] for i in group]
+            if chosen:
+                dose += compute_dose(run.grid, chosen, surface_mm=run.surface_mm)
+        dose *= run.pph  # the engine scales what it scored by ParticlesPerHistory
+    return write_dose(dose, run.output)
 
 
 def process_age() -> float:
@@ -291,58 +418,60 @@ def process_age() -> float:
         return 0.0
 
 
+def abort(error: Abort) -> None:
+    """End as the engine does on an uncaught exception: its two lines on stderr, then SIGABRT."""
+    sys.stdout.flush()
+    print(f"terminate called after throwing an instance of '{error.kind}'", file=sys.stderr)
+    print(f"  what():  {error}", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGABRT, signal.SIG_DFL)
+    os.abort()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the engine on one input file; the return value is the process exit code."""
     age = process_age()
     started = time.perf_counter() - age
     args = sys.argv[1:] if argv is None else list(argv)
-    if len(args) != 1:
-        say("ERROR: usage: python -m standins.tps_env <input.in>")
-        return 1
-    source = Path(args[0]).resolve()
-    try:
-        values = read_tps(source)
-    except (OSError, TpsFormatError, UnicodeDecodeError) as bad:
-        say(f"ERROR: cannot read input file {source}: {bad}")
-        return 1
-    key = values.get("BeamNumbers")
-    if key is None:
-        say(f"ERROR: {source}: missing required key(s): BeamNumbers")
-        return 1
+    source = Path(args[0] if args else "./tps_env/moqui_tps.in").resolve()
     faults = Faults.from_env("ENGINE")
-    attempt = faults.previous_launches(key) + 1
-    faults.record(
-        "start",
-        key,
-        gpu=_gpu_id(values.get("GPUID")),
-        input=str(source),
-        cwd=os.getcwd(),
-        attempt=attempt,
-        launched=time.time() - age,  # when the process started, before Python's own start-up
-    )
-    code = 1
+    key = "?"
     try:
-        say(
-            f"MOQUI stand-in tps_env (numpy pencil beam, no CUDA): GPUID {values.get('GPUID')}, "
-            f"RandomSeed {values.get('RandomSeed', '0')}, input {source}"
+        say("MOQUI SMC Treatment machine model and log-file based MC (stand-in: numpy pencil beam, no CUDA)")
+        try:
+            values = EngineInput(source.read_text(encoding="utf-8", errors="replace"))
+        except OSError:
+            raise Abort("Cannot open input parameter file.") from None
+        key = values.text("BeamNumbers", "?")
+        attempt = faults.previous_launches(key) + 1
+        faults.record(
+            "start",
+            key,
+            gpu=values.integer("GPUID", 0),
+            input=str(source),
+            cwd=os.getcwd(),
+            attempt=attempt,
+            launched=time.time() - age,  # when the process started, before Python's own start-up
         )
-        run = prepare(values, str(source))
-        simulate(run, faults, key, attempt, started)
-        say(f"Total execution time: {time.perf_counter() - started:.2f} s")
+        run = prepare(values)
         code = 0
-    except EngineError as bad:
-        say(f"ERROR: {bad}")
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-        raise
-    finally:
-        faults.record("end", key, exit=code)
-    return code
+        try:
+            simulate(run, faults, key, attempt, started)
+        except SystemExit as stop:  # an injected fault's exit
+            code = stop.code if isinstance(stop.code, int) else 1
+            raise
+        finally:
+            faults.record("end", key, exit=code)
+        say(f"Time taken by MC engine: {(time.perf_counter() - started) * 1000:.1f} milli-seconds")
+        return 0
+    except Abort as error:
+        faults.record("end", key, exit=134)
+        abort(error)
+        return 134  # not reached: SIGABRT ends the process
 
 
 if __name__ == "__main__":
     status = main()
     sys.stdout.flush()
     # Like the compiled engine, end with the last record: Python's tear-down of numpy and
-    # friends takes tenths of a second on a busy host, and the GPU stays locked meanwhile.
+    # pydicom takes a quarter of a second, during which the GPU would look still busy.
     os._exit(status)

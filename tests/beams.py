@@ -16,6 +16,7 @@ from tasks.gpu.broker import gpu_lease
 from tasks.gpu.pool import GpuPool, SkipReason
 from tasks.interpreter.run import run_interpreter
 from tasks.moqui.beam import BeamInput
+from tasks.moqui.grid import PhantomGrid
 from tasks.moqui.inputs import beam_input
 
 
@@ -25,6 +26,23 @@ def prepare_beams(settings: Settings, case_id: str, beams: int = 1) -> list[Beam
     case = discover_case(case_dir, ready_marker=settings.case.ready_marker)
     csv_dir = run_interpreter(settings, case)
     return [beam_input(settings, case, beam, csv_dir) for beam in case.beams]
+
+
+def beam_input_of(settings: Settings, records: int = 1, dose_name: str = "1G000:TX_1_Dose.raw") -> BeamInput:
+    """A BeamInput of a case "R" beam 2 that no file backs (for judging and reuse rules)."""
+    beam_dir = settings.work_dir("R") / "beams" / "beam-02"
+    return BeamInput(
+        case_id="R",
+        beam_number=2,
+        beam_name="1G000:TX",
+        beam_dir=str(beam_dir),
+        stage_dir=str(beam_dir / "input"),
+        records=records,
+        tps={},
+        grid=PhantomGrid(dims=(2, 2, 2), spacing=(1.0, 1.0, 1.0), position=(0.0, 0.0, 0.0)),
+        dose_name=dose_name,
+        input_hash="h2",
+    )
 
 
 def launch(backend: Backend, beam: BeamInput, gpu: int = 0):

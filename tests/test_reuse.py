@@ -20,8 +20,8 @@ def beam(settings, number: int, input_hash: str = "h") -> BeamInput:
         beam_number=number,
         beam_name=f"{number}G000:TX",
         beam_dir=str(beam_dir),
-        csv_dir=str(settings.work_dir("R") / "Log_csv"),
-        csv_dir_name=f"{number}G000_TX",
+        stage_dir=str(beam_dir / "input"),
+        records=1,
         tps={},
         grid=PhantomGrid(dims=(2, 2, 2), spacing=(1.0, 1.0, 1.0), position=(0.0, 0.0, 0.0)),
         dose_name=f"{number}G000:TX_{number}_Dose.raw",
@@ -29,13 +29,18 @@ def beam(settings, number: int, input_hash: str = "h") -> BeamInput:
     )
 
 
+def dose_file(beam: BeamInput) -> str:
+    return str(beam.dose_dir / beam.dose_name)
+
+
 def store(settings, simulated: BeamInput) -> None:
     """What the simulate task leaves behind: the dose file, then its stored result."""
     os.makedirs(simulated.dose_dir, exist_ok=True)
-    with open(simulated.dose_file, "wb") as dose:
+    with open(dose_file(simulated), "wb") as dose:
         dose.write(b"\0" * 64)
     result = BeamResult(
         beam=simulated,
+        dose_file=dose_file(simulated),
         engine_log="",
         engine_command=[],
         host="h",
@@ -54,10 +59,10 @@ def test_a_stored_result_is_reused_only_while_its_dose_file_is_the_one_it_wrote(
     for simulated in (two, three, four):
         store(settings, simulated)
     assert stale_reason(settings, two) is None
-    os.remove(three.dose_file)
+    os.remove(dose_file(three))
     assert "is gone" in stale_reason(settings, three)
     stored = (results_dir(settings) / simulation_key(settings, four)).stat().st_mtime_ns
-    os.utime(four.dose_file, ns=(stored + 10**9, stored + 10**9))  # overwritten by a run with other inputs
+    os.utime(dose_file(four), ns=(stored + 10**9, stored + 10**9))  # overwritten by a run with other inputs
     assert "rewritten after the result was stored" in stale_reason(settings, four)
     assert stale_reason(settings, beam(settings, 2, input_hash="other")) is None  # nothing stored for it
     again = beams_to_simulate_again(settings, [two, three, four], rerun=[], force=False)

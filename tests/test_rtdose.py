@@ -15,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from standins.sample_case import write_sample_case
 from tasks.dose import chunks as dose_chunks
-from tasks.dose.model import RT_DOSE_SOP_CLASS, RtDoseError, RtDoseInfo
+from tasks.dose.model import RT_DOSE_SOP_CLASS, DoseFrame, RtDoseError, RtDoseInfo
 from tasks.dose.plansum import sum_rtdose
 from tasks.dose.read import collect_engine_rtdose, read_dose_gy
 from tasks.dose.validate import dciodvfy_available, validate_rtdose
@@ -27,6 +27,14 @@ DCIODVFY = "/usr/bin/dciodvfy"
 # Anisotropic spacing and an off-origin corner, so swapped axes or a corner/centre mix-up show.
 GRID = PhantomGrid(dims=(12, 10, 8), spacing=(2.0, 2.5, 3.0), position=(-12.0, -12.5, -30.0))
 NX, NY, NZ = GRID.dims
+FRAME = DoseFrame(
+    uid=generate_uid(), comment="beam-aligned water phantom, beam along -z", label="water phantom"
+)
+
+
+def to_rtdose(*args, frame: DoseFrame = FRAME, **kw) -> RtDoseInfo:
+    """raw_to_rtdose in the test phantom's frame unless another is given."""
+    return raw_to_rtdose(*args, frame=frame, **kw)
 
 
 @pytest.fixture(params=["one chunk", "3-frame chunks"])
@@ -88,7 +96,7 @@ def beam(tmp_path, plan, seed=1, number=2, **kw) -> tuple[RtDoseInfo, np.ndarray
     dose = blob(seed)
     raw = write_raw(tmp_path / f"beam{number}.raw", dose)
     out = tmp_path / "out" / f"RTDOSE_beam{number}.dcm"
-    info = raw_to_rtdose([raw], GRID, plan, out, summation="BEAM", beam_number=number, **kw)
+    info = to_rtdose([raw], GRID, plan, out, summation="BEAM", beam_number=number, **kw)
     return info, dose
 
 
@@ -119,7 +127,7 @@ def test_voxel_layout_follows_the_grid_contract(tmp_path, plan):
     i, j, k = 7, 3, 5
     flat[i + NX * (j + NY * k)] = 1.0
     raw = write_raw(tmp_path / "one.raw", flat)
-    info = raw_to_rtdose([raw], GRID, plan, tmp_path / "one.dcm", summation="BEAM", beam_number=1)
+    info = to_rtdose([raw], GRID, plan, tmp_path / "one.dcm", summation="BEAM", beam_number=1)
     back = read_dose_gy(info.path)
     assert back[k, j, i] == pytest.approx(1.0, abs=info.scaling / 2)
     assert np.count_nonzero(back) == 1
@@ -147,7 +155,7 @@ def test_geometry_and_rt_dose_attributes(tmp_path, plan):
     assert group.ReferencedBeamSequence[0].ReferencedBeamNumber == 2
 
 
-def test_patient_study_and_frame_of_reference_come_from_the_plan(tmp_path, plan):
+def test_patient_and_study_come_from_the_plan_the_frame_of_reference_is_the_phantoms(tmp_path, plan):
     info, _ = beam(tmp_path, plan)
     ds, rp = pydicom.dcmread(info.path), pydicom.dcmread(plan)
     for keyword in (
@@ -161,9 +169,11 @@ def test_patient_study_and_frame_of_reference_come_from_the_plan(tmp_path, plan)
         "StudyID",
         "AccessionNumber",
         "ReferringPhysicianName",
-        "FrameOfReferenceUID",
     ):
         assert ds[keyword].value == rp[keyword].value, keyword
+    # The dose is in the engine's water phantom, not in the patient: never the plan's frame.
+    assert ds.FrameOfReferenceUID == FRAME.uid != rp.FrameOfReferenceUID
+    assert ds.DoseComment == FRAME.comment and ds.SeriesDescription.endswith(", water phantom")
     assert str(ds.PatientName) == "Müller^Anna"
     reference = ds.ReferencedRTPlanSequence[0]
     assert reference.ReferencedSOPClassUID == RT_ION_PLAN
@@ -176,9 +186,9 @@ def test_every_written_file_passes_dciodvfy(tmp_path, plan):
     beam2, _ = beam(tmp_path, plan, seed=1, number=2)
     beam3, _ = beam(tmp_path, plan, seed=2, number=3)
     raws = [tmp_path / "beam2.raw", tmp_path / "beam3.raw"]
-    plan_raw = raw_to_rtdose(raws, GRID, plan, tmp_path / "plan_raw.dcm", summation="PLAN")
+    plan_raw = to_rtdose(raws, GRID, plan, tmp_path / "plan_raw.dcm", summation="PLAN")
     plan_sum = sum_rtdose([beam2.path, beam3.path], plan, tmp_path / "plan_sum.dcm")
-    zero = raw_to_rtdose(
+    zero = to_rtdose(
         [write_raw(tmp_path / "zero.raw", np.zeros(GRID.shape))],
         GRID,
         plan,
@@ -187,7 +197,7 @@ def test_every_written_file_passes_dciodvfy(tmp_path, plan):
         beam_number=4,
     )
     flat = PhantomGrid(dims=(NX, NY, 1), spacing=GRID.spacing, position=GRID.position)
-    single = raw_to_rtdose(
+    single = to_rtdose(
         [write_raw(tmp_path / "single.raw", blob(1)[3])],
         flat,
         plan,
@@ -209,17 +219,17 @@ def test_a_sample_case_plan_gives_a_valid_rtdose(tmp_path):
     case = write_sample_case(tmp_path, "Case 1.2", patient_id="PAT 42")
     sample_plan = next(case.glob("RP.*.dcm"))
     raw = write_raw(tmp_path / "beam2.raw", blob(1))
-    info = raw_to_rtdose([raw], GRID, sample_plan, tmp_path / "d.dcm", summation="BEAM", beam_number=2)
+    info = to_rtdose([raw], GRID, sample_plan, tmp_path / "d.dcm", summation="BEAM", beam_number=2)
     ds, rp = pydicom.dcmread(info.path), pydicom.dcmread(sample_plan)
     assert (ds.PatientID, ds.StudyInstanceUID) == ("PAT 42", rp.StudyInstanceUID)
-    assert ds.FrameOfReferenceUID == rp.FrameOfReferenceUID
+    assert ds.FrameOfReferenceUID == FRAME.uid
     assert dciodvfy_report(info.path) == []
 
 
 def test_plan_from_raw_is_the_sum_of_beams(tmp_path, plan, chunking):
     doses = [blob(seed) for seed in (1, 2, 3)]
     raws = [write_raw(tmp_path / f"b{n}.raw", d) for n, d in enumerate(doses)]
-    info = raw_to_rtdose(raws, GRID, plan, tmp_path / "plan.dcm", summation="PLAN")
+    info = to_rtdose(raws, GRID, plan, tmp_path / "plan.dcm", summation="PLAN")
     total = sum(doses)
     assert np.abs(read_dose_gy(info.path) - total).max() <= info.scaling / 2 + 1e-12
     assert info.max_dose_gy == pytest.approx(total.max(), rel=1e-12)
@@ -246,7 +256,7 @@ def test_sum_rtdose_rejects_another_grid(tmp_path, plan):
     beam2, _ = beam(tmp_path, plan, seed=1, number=2)
     shifted = PhantomGrid(GRID.dims, GRID.spacing, (-12.0, -12.5, -27.0))
     raw = write_raw(tmp_path / "shifted.raw", blob(2))
-    other = raw_to_rtdose([raw], shifted, plan, tmp_path / "shifted.dcm", summation="BEAM", beam_number=3)
+    other = to_rtdose([raw], shifted, plan, tmp_path / "shifted.dcm", summation="BEAM", beam_number=3)
     with pytest.raises(RtDoseError, match=r"shifted\.dcm: dose grid differs.*position"):
         sum_rtdose([beam2.path, other.path], plan, tmp_path / "plan.dcm")
     assert not (tmp_path / "plan.dcm").exists()
@@ -261,7 +271,7 @@ def test_sum_rtdose_rejects_a_dose_of_another_plan(tmp_path, plan):
 
 def test_all_zero_dose_still_gets_a_positive_scaling(tmp_path, plan):
     raw = write_raw(tmp_path / "zero.raw", np.zeros(GRID.shape))
-    info = raw_to_rtdose([raw], GRID, plan, tmp_path / "z.dcm", summation="BEAM", beam_number=1)
+    info = to_rtdose([raw], GRID, plan, tmp_path / "z.dcm", summation="BEAM", beam_number=1)
     assert info.scaling > 0 and float(pydicom.dcmread(info.path).DoseGridScaling) > 0
     assert info.max_dose_gy == 0.0
     assert not read_dose_gy(info.path).any()
@@ -271,7 +281,7 @@ def test_wrong_raw_size_names_file_and_sizes(tmp_path, plan):
     raw = write_raw(tmp_path / "short.raw", np.ones(GRID.voxel_count - 1))
     expected, actual = GRID.voxel_count * 8, (GRID.voxel_count - 1) * 8
     with pytest.raises(RtDoseError, match=rf"short\.raw: raw dose is {actual} bytes, expected {expected}"):
-        raw_to_rtdose([raw], GRID, plan, tmp_path / "x.dcm", summation="BEAM", beam_number=1)
+        to_rtdose([raw], GRID, plan, tmp_path / "x.dcm", summation="BEAM", beam_number=1)
     assert not (tmp_path / "x.dcm").exists()
 
 
@@ -283,9 +293,9 @@ def test_negative_or_non_finite_raw_is_an_error(tmp_path, plan, chunking, bad):
     raw = write_raw(tmp_path / "bad.raw", dose)
     out = tmp_path / "plan.dcm"
     with pytest.raises(RtDoseError, match=r"bad\.raw: raw dose must be finite and >= 0"):
-        raw_to_rtdose([good, raw], GRID, plan, out, summation="PLAN")
+        to_rtdose([good, raw], GRID, plan, out, summation="PLAN")
     with pytest.raises(RtDoseError, match=r"bad\.raw"):
-        raw_to_rtdose([raw], GRID, plan, out, summation="BEAM", beam_number=1)
+        to_rtdose([raw], GRID, plan, out, summation="BEAM", beam_number=1)
     assert not out.exists() and not list(tmp_path.glob("*.part"))
 
 
@@ -293,20 +303,20 @@ def test_summation_arguments_are_checked(tmp_path, plan):
     raw = write_raw(tmp_path / "b.raw", blob(1))
     out = tmp_path / "x.dcm"
     with pytest.raises(RtDoseError, match="beam number"):
-        raw_to_rtdose([raw], GRID, plan, out, summation="BEAM")
+        to_rtdose([raw], GRID, plan, out, summation="BEAM")
     with pytest.raises(RtDoseError, match="exactly one raw file"):
-        raw_to_rtdose([raw, raw], GRID, plan, out, summation="BEAM", beam_number=1)
+        to_rtdose([raw, raw], GRID, plan, out, summation="BEAM", beam_number=1)
     with pytest.raises(RtDoseError, match="no beam number"):
-        raw_to_rtdose([raw], GRID, plan, out, summation="PLAN", beam_number=1)
+        to_rtdose([raw], GRID, plan, out, summation="PLAN", beam_number=1)
     with pytest.raises(RtDoseError, match="dose type"):
-        raw_to_rtdose([raw], GRID, plan, out, summation="PLAN", dose_type="BIOLOGICAL")
+        to_rtdose([raw], GRID, plan, out, summation="PLAN", dose_type="BIOLOGICAL")
 
 
 def test_a_file_that_is_not_a_plan_is_rejected(tmp_path, plan):
     info, _ = beam(tmp_path, plan)
     raw = tmp_path / "beam2.raw"
     with pytest.raises(RtDoseError, match=r"RTDOSE_beam2\.dcm: not an RT \(Ion\) Plan"):
-        raw_to_rtdose([raw], GRID, info.path, tmp_path / "x.dcm", summation="PLAN")
+        to_rtdose([raw], GRID, info.path, tmp_path / "x.dcm", summation="PLAN")
 
 
 def test_collect_engine_rtdose_copies_a_valid_file(tmp_path, plan):
@@ -383,3 +393,21 @@ def test_validate_rtdose_reports_a_dciodvfy_abort(tmp_path, plan):
     assert errors == [
         f"{engine.path}: dciodvfy failed (exit code -6): dciodvfy: attrothr.cc:46: Assertion failed."
     ]
+
+
+def test_the_calibration_scales_raw_values_to_gy(tmp_path, plan, chunking):
+    info, dose = beam(tmp_path, plan, scale=2.5e4)
+    back = read_dose_gy(info.path)
+    assert info.max_dose_gy == pytest.approx(dose.max() * 2.5e4, rel=1e-12)
+    assert np.abs(back - dose * 2.5e4).max() <= info.scaling / 2 + 1e-9
+
+
+def test_doses_in_different_frames_are_not_summed(tmp_path, plan):
+    beam2, _ = beam(tmp_path, plan, number=2)
+    raw = write_raw(tmp_path / "other.raw", blob(3))
+    other_frame = DoseFrame(uid=generate_uid(), comment="another phantom", label="water phantom")
+    other = to_rtdose(
+        [raw], GRID, plan, tmp_path / "other.dcm", summation="BEAM", beam_number=3, frame=other_frame
+    )
+    with pytest.raises(RtDoseError, match="frame of reference .* differs .* cannot be summed"):
+        sum_rtdose([beam2.path, other.path], plan, tmp_path / "plan.dcm")

@@ -22,10 +22,11 @@ from typing import Protocol
 from config.settings import Settings
 from tasks.backends.base import Backend, FetchError, Followed, JobState, follow
 from tasks.common.errors import PermanentError, ToolError, cause_of
+from tasks.dose.calibration import dose_scale, raw_dose_problem
 from tasks.gpu.nvidia_smi import busy_gpus
 from tasks.gpu.pool import SkipReason
 from tasks.moqui.beam import BeamInput, BeamResult
-from tasks.moqui.judge import engine_failed, judge, verify_dose
+from tasks.moqui.judge import bad_output, dose_size_problem, engine_failed, judge
 
 
 class TakeGpu(Protocol):
@@ -38,9 +39,9 @@ class TakeGpu(Protocol):
 
 def preflight(beam: BeamInput) -> None:
     """Missing inputs are permanent: no GPU is taken for a beam that cannot run."""
-    layers = Path(beam.csv_dir) / "log" / beam.csv_dir_name
-    if not any(layers.glob("*.csv")):
-        raise PermanentError(f"{beam.subject}: no layer CSVs in {layers} (the interpreter's output)")
+    layers = Path(beam.stage_dir) / "log"
+    if not any(layers.glob("*/*.csv")):
+        raise PermanentError(f"{beam.subject}: no layer CSVs in {layers} (its staged input)")
 
 
 def attempt_log(beam_dir: Path, attempt: int) -> Path:
@@ -113,28 +114,48 @@ def simulate_beam(
     on_line: Callable[[str], None] | None = None,
     notify: Callable[[str], None] | None = None,
 ) -> tuple[BeamResult, bool]:
-    """Run one beam to a verified local dose file; return its result and whether the engine said done."""
+    """Run one beam to a verified local dose file; return its result and whether the engine said done.
+
+    A run that failed is retried (ToolError); a run that exited cleanly but cannot have computed
+    this beam's dose (no histories, other spot records than staged, a zero, non-finite or
+    implausible dose) is bad output: PermanentError, not retried.
+    """
     preflight(beam)
     say = notify or (lambda message: None)
     log_path = attempt_log(Path(beam.beam_dir), attempt)
     followed = run_job(settings, backend, beam, take_gpu, log_path, on_line, say)
     job, run = followed.job, followed.run
-    failure, completed = judge(run, followed.lines, settings.engine)
+    verdict = judge(run, followed.lines, settings.engine, settings.engine_profile)
+    failure, dose = verdict.failure, None
     if failure is None:
         try:
-            backend.fetch(beam, job)  # the GPU is already released
+            dose = backend.fetch(beam, job)  # the GPU is already released
         except FetchError as error:
             failure = cause_of(error, beam.subject)
-    failure = failure or verify_dose(beam, raw=settings.tps.output_format == "raw")
+    if failure is None and dose is not None:
+        failure = dose_size_problem(beam, dose, raw=settings.tps.output_format == "raw")
     if failure is not None:
         if job.problem:
             failure = f"{failure}: {job.problem}"
         if job.state is JobState.FINISHED_OK:  # exit 0, but not acceptable: relaunch next time
             backend.reject(job, failure)
         raise engine_failed(beam, job.gpu, job.host or backend.where, failure, run)
+    assert dose is not None
+    bad = bad_output(beam, verdict)
+    if bad is None and settings.tps.output_format == "raw":
+        bad = raw_dose_problem(dose, beam.grid, dose_scale(settings), settings.dose.plausible_max_gy)
+    if bad is not None:
+        raise PermanentError(
+            f"{beam.subject}: bad output of the engine on GPU {job.gpu} of {job.host or backend.where}: "
+            f"{bad}; log {run.log_path}",
+            cause=f"bad output: {bad}",
+        )
     backend.cleanup(beam, job)
     result = BeamResult(
         beam=beam,
+        dose_file=str(dose),
+        histories=verdict.histories,
+        beamlets=verdict.beamlets,
         engine_log=str(run.log_path),
         engine_command=run.argv,
         host=job.host,
@@ -145,4 +166,4 @@ def simulate_beam(
         backend=backend.kind,
         job_dir=job.dir,
     )
-    return result, completed
+    return result, verdict.completed

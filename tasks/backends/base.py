@@ -115,7 +115,7 @@ class LaunchSpec:
     engine_dir_key: str  # the config key naming engine_dir, for error messages
     lock_dir: str  # holds gpu-<index>.lock: one engine per GPU on that host
     output_dir: str = ""  # outputs hashed by the wrapper (empty: none, they are not downloaded)
-    clear: list[str] = field(default_factory=list)  # an earlier attempt's outputs, removed first
+    fresh_dirs: list[str] = field(default_factory=list)  # emptied first: an earlier run's outputs
     env: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -137,7 +137,8 @@ def launch_script(job_dir: str, gpu: int, timeout: float, spec: LaunchSpec) -> s
         f"[ -d {engine_dir} ] || exit {EXIT_NO_ENGINE_DIR}; "
         f"(cd -- {engine_dir} && command -v {q(spec.argv[0])}) >/dev/null 2>&1 || exit {EXIT_NO_ENGINE}; "
         f"mkdir -p -- {q(spec.lock_dir)} && "
-        f"rm -rf -- {RECORD_FILES} {' '.join(q(p) for p in spec.clear)}; "
+        f"rm -rf -- {RECORD_FILES} {' '.join(q(p) for p in spec.fresh_dirs)} && "
+        f"mkdir -p -- . {' '.join(q(p) for p in spec.fresh_dirs)}; "
     )
     polls = int(LAUNCH_WAIT_SECONDS / 0.05)
     return (
@@ -256,7 +257,7 @@ class Backend(ABC):
 
     @abstractmethod
     def stage(self, beam: BeamInput) -> None:
-        """Put the wrapper and every input but moqui_tps.in in the job folder (no GPU held yet)."""
+        """Put the wrapper and the beam's staged input where the engine reads it (no GPU held yet)."""
 
     @abstractmethod
     def prepare_launch(self, beam: BeamInput, gpu: int, argv: list[str]) -> LaunchSpec:
@@ -276,8 +277,12 @@ class Backend(ABC):
         return engine_argv(self.engine_command, beam, gpu, self.input_path(beam))
 
     @abstractmethod
-    def fetch(self, beam: BeamInput, job: Job) -> None:
-        """Bring the dose of a finished job to beam.dose_file, verified; FetchError if it cannot."""
+    def fetch(self, beam: BeamInput, job: Job) -> Path:
+        """Bring the dose file of a finished job into beam.dose_dir, verified, and return it.
+
+        The job must have written exactly one file that fits the engine's output name
+        (beam.dose_name); FetchError if it did not, or if it cannot be brought back intact.
+        """
 
     @abstractmethod
     def cleanup(self, beam: BeamInput, job: Job) -> None:

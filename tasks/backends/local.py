@@ -13,7 +13,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from tasks.backends.base import WRAPPER, WRAPPER_NAME, Backend, CommandResult, Job, LaunchSpec
+from tasks.backends.base import WRAPPER, WRAPPER_NAME, Backend, CommandResult, FetchError, Job, LaunchSpec
 from tasks.common.errors import ToolError
 from tasks.moqui.beam import TPS_NAME, BeamInput
 
@@ -49,9 +49,15 @@ class LocalBackend(Backend):
         return str(Path(beam.beam_dir) / "jobs" / beam.input_hash)
 
     def stage(self, beam: BeamInput) -> None:
+        """The wrapper in the job folder; the staged input is already where the engine reads it.
+
+        The stand-in engine's default folder lives under the data root: a fresh data root gets it.
+        """
         job_dir = Path(self.job_dir(beam))
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / WRAPPER_NAME).write_bytes(WRAPPER)
+        if self.settings.engine_dir.is_relative_to(self.settings.root):
+            self.settings.engine_dir.mkdir(parents=True, exist_ok=True)
 
     def input_path(self, beam: BeamInput) -> str:
         return str(Path(self.job_dir(beam)) / TPS_NAME)
@@ -67,11 +73,19 @@ class LocalBackend(Backend):
             engine_dir=str(self.settings.engine_dir),
             engine_dir_key="engine.workdir",
             lock_dir=str(self.settings.root / "gpu-locks"),
-            clear=[str(beam.dose_file)],  # never mistake an earlier attempt's dose for this one's
+            fresh_dirs=[str(beam.dose_dir)],  # never mistake an earlier run's dose for this one's
         )
 
-    def fetch(self, beam: BeamInput, job: Job) -> None:
-        """Nothing to move: the engine wrote beam.dose_file itself (verify_dose checks it)."""
+    def fetch(self, beam: BeamInput, job: Job) -> Path:
+        """Nothing to move: the engine wrote into beam.dose_dir itself; find its one dose file."""
+        found = sorted(path.name for path in beam.dose_dir.glob("*")) if beam.dose_dir.is_dir() else []
+        name = beam.dose_match(found)
+        if name is None:
+            raise FetchError(
+                f"{beam.subject}: engine wrote no single dose file {beam.dose_name} in {beam.dose_dir} "
+                f"(found: {', '.join(found) or 'nothing'})"
+            )
+        return beam.dose_dir / name
 
     def cleanup(self, beam: BeamInput, job: Job) -> None:
         """The job folder holds only its small record: kept as history, marked collected."""

@@ -1,9 +1,9 @@
 """The SSH backend: the GPUs sit on an HPC node; each beam's job runs in its own folder there.
 
 Job folder: `<ssh.remote_root>/<case id>/beam-NN/<input hash>/` holding
-`input/plan/` (the interpreter's plan copy), `input/log/<beam>/` (the beam's
-layer CSVs), `moqui_tps.in` (paths rewritten to this folder), `dose/` (the
-engine's output) and the job record (base.py). Uploads are checked by size
+`input/` (the beam's staged input: `plan/`, `log/`, tasks/moqui/staging.py),
+`moqui_tps.in` (its folders named for this folder), `dose/` (the engine's output)
+and the job record (base.py). Uploads are checked by size
 (SFTP) and sha256 (computed on the host); files already there with the right
 hash are not sent again. Downloads go to `<dose file>.part`, optionally
 zstd-compressed on the host, and are renamed only when size and sha256 match
@@ -42,8 +42,9 @@ from tasks.backends.base import (
 )
 from tasks.backends.sshconn import SecretLookup, SshHost, ssh_host
 from tasks.common.errors import PermanentError, ToolError
-from tasks.moqui.beam import TPS_NAME, BeamInput, engine_input_files
+from tasks.moqui.beam import TPS_NAME, BeamInput
 from tasks.moqui.inputs import input_paths
+from tasks.moqui.staging import staged_files, staged_folders
 
 MAX_NAME_BYTES = 200
 
@@ -100,9 +101,6 @@ class SshBackend(Backend):
     def job_dir(self, beam: BeamInput) -> str:
         return str(self._job(beam))
 
-    def _dose_name(self, beam: BeamInput) -> str:
-        return check_name(beam, "dose file name", beam.dose_name)
-
     def input_path(self, beam: BeamInput) -> str:
         return str(self._job(beam) / TPS_NAME)
 
@@ -141,17 +139,19 @@ class SshBackend(Backend):
             )
 
     def stage(self, beam: BeamInput) -> None:
-        """The wrapper, the plan copy and the beam's layer CSVs (everything but moqui_tps.in)."""
-        csv_dir = Path(beam.csv_dir)  # the interpreter's Log_csv
-        csv_name = check_name(beam, "beam folder name", beam.csv_dir_name)
+        """The wrapper and the beam's staged input (its plan copy, log folders and layer CSVs)."""
+        stage = Path(beam.stage_dir)
         files = {WRAPPER_NAME: WRAPPER}
-        for path in engine_input_files(csv_dir, csv_name):
-            files[f"input/{path.relative_to(csv_dir).as_posix()}"] = path.read_bytes()
-        self._upload(beam, files, folders=["input/plan", f"input/log/{csv_name}", "dose"])
+        for path in staged_files(stage):
+            files[f"input/{path.relative_to(stage).as_posix()}"] = path.read_bytes()
+        folders = [f"input/{path.relative_to(stage).as_posix()}" for path in staged_folders(stage)]
+        self._upload(beam, files, folders=[*folders, "dose"])
 
     def prepare_launch(self, beam: BeamInput, gpu: int, argv: list[str]) -> LaunchSpec:
         job = self._job(beam)
-        text = beam.tps_text(gpu, paths=input_paths(job / "input", job / "dose"))
+        text = beam.tps_text(
+            gpu, paths=input_paths(self.settings.engine_profile, job / "input", job / "dose")
+        )
         self._upload(beam, {TPS_NAME: text.encode()})
         return LaunchSpec(
             argv=argv,
@@ -159,7 +159,7 @@ class SshBackend(Backend):
             engine_dir_key="ssh.engine_dir",
             lock_dir=str(PurePosixPath(self.ssh.remote_root) / ".gpu-locks"),
             output_dir=str(job / "dose"),
-            clear=[f"dose/{self._dose_name(beam)}"],
+            fresh_dirs=["dose"],
             env={name: os.environ[name] for name in self.ssh.forward_env if name in os.environ},
         )
 
@@ -193,24 +193,34 @@ class SshBackend(Backend):
             )
         return digest.hexdigest(), size
 
-    def fetch(self, beam: BeamInput, job: Job) -> None:
-        name, q = self._dose_name(beam), shlex.quote
+    def _output_name(self, beam: BeamInput, job: Job) -> str:
+        """The one output the job's wrapper recorded that fits the engine's output name."""
+        listed = self._checked(
+            f"cd -- {shlex.quote(job.dir)} && ls -A -- sha256 2>/dev/null; true",
+            f"listing the outputs of job {job.dir}",
+        )
+        names = listed.stdout.decode("utf-8", "replace").splitlines()
+        name = beam.dose_match(names)
+        if name is None:
+            raise FetchError(
+                f"{beam.subject}: the job in {job.dir} on {self.where} recorded no single output "
+                f"{beam.dose_name} (recorded: {', '.join(names) or 'nothing'})"
+            )
+        return check_name(beam, "dose file name", name)
+
+    def fetch(self, beam: BeamInput, job: Job) -> Path:
+        name, q = self._output_name(beam, job), shlex.quote
         label = beam.subject
         recorded = self._checked(
-            f"cd -- {q(job.dir)} && {{ cat -- {q('sha256/' + name)} 2>/dev/null || "
-            "{ echo missing; ls -A -- dose; }; }",
+            f"cd -- {q(job.dir)} && cat -- {q('sha256/' + name)}",
             f"reading the output record of job {job.dir}",
         )
-        lines = recorded.stdout.decode("utf-8", "replace").splitlines()
-        fields = lines[0].split() if lines else []
+        fields = recorded.stdout.decode("utf-8", "replace").split()
         if len(fields) != 2 or not fields[1].isdigit():
-            raise FetchError(
-                f"{label}: the job in {job.dir} on {self.where} recorded no output {name} "
-                f"(found in dose/: {', '.join(lines[1:]) or 'nothing'})"
-            )
+            raise FetchError(f"{label}: the output record {job.dir}/sha256/{name} is unreadable: {fields!r}")
         expected = (fields[0], int(fields[1]))
         remote = f"{job.dir}/dose/{name}"
-        final = beam.dose_file
+        final = beam.dose_dir / name
         part = final.with_name(final.name + ".part")
         final.parent.mkdir(parents=True, exist_ok=True)
         compressed = self._compressed()
@@ -219,7 +229,7 @@ class SshBackend(Backend):
                 got = self.download(remote, part, compressed)
                 if got == expected:
                     os.replace(part, final)
-                    return
+                    return final
         except OSError as error:  # our side (a full disk, rights): the job's result is still good
             part.unlink(missing_ok=True)
             free = shutil.disk_usage(final.parent).free

@@ -95,6 +95,8 @@ def match_deliveries(
                     scan_mode=plan_beam.scan_mode,
                     meterset=plan_beam.meterset,
                     delivery=delivery,
+                    range_shifters=plan_beam.range_shifters,
+                    blocks=plan_beam.blocks,
                 )
             )
     return beams, missing

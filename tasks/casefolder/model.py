@@ -40,6 +40,8 @@ class Beam(_Model):
     scan_mode: str
     meterset: float
     delivery: Delivery
+    range_shifters: int = 0  # NumberOfRangeShifters: beamline elements before the phantom
+    blocks: int = 0  # NumberOfBlocks
 
     @property
     def csv_dir_name(self) -> str:

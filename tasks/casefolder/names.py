@@ -8,6 +8,7 @@ when read. These rules decide, before anything is opened.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import unicodedata
 from pathlib import Path
@@ -17,8 +18,9 @@ PARTIAL_SUFFIXES = (".extracting", ".tmp", ".part", ".partial")
 
 
 def csv_dir_name(beam_name: str) -> str:
-    """The interpreter's folder name for a beam: the beam name with ':' replaced by '_'."""
-    return beam_name.replace(":", "_")
+    """The interpreter's folder name for a beam: every character but A-Z, a-z, 0-9, '_' and '-'
+    becomes '_' (mqi_interpreter's moqui_generator, read from its source): `1G180:TX` -> `1G180_TX`."""
+    return re.sub(r"[^a-zA-Z0-9_\-]", "_", beam_name)
 
 
 def is_partial(name: str) -> bool:

@@ -20,7 +20,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import MediaStorageDirectoryStorage
 
 from tasks.casefolder.model import ExcludedBeam
-from tasks.casefolder.names import safe_listing
+from tasks.casefolder.names import csv_dir_name, safe_listing
 from tasks.casefolder.problems import Problems, relative
 
 RT_ION_PLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.8"
@@ -194,6 +194,8 @@ class PlanBeam:
     scan_mode: str
     meterset: float
     machine: str
+    range_shifters: int
+    blocks: int
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,8 @@ def _read_beam(
         scan_mode=str(ion_beam.get("ScanMode", "") or ""),
         meterset=metersets[number],
         machine=str(ion_beam.get("TreatmentMachineName", "") or "").strip(),
+        range_shifters=int(ion_beam.get("NumberOfRangeShifters") or 0),
+        blocks=int(ion_beam.get("NumberOfBlocks") or 0),
     )
 
 
@@ -297,6 +301,16 @@ def read_plan(path: Path, plan: Dataset, case_dir: Path, problems: Problems) -> 
     machines = sorted({beam.machine for beam in treatment.values()})
     if len(machines) > 1:
         problems.add(where, f"treatment beams name different machines: {', '.join(machines)}")
+    folders: dict[str, list[str]] = {}
+    for beam in treatment.values():
+        folders.setdefault(csv_dir_name(beam.name), []).append(repr(beam.name))
+    for folder, names in sorted(folders.items()):
+        if len(names) > 1:
+            problems.add(
+                where,
+                f"beams {', '.join(names)} would share the interpreter's folder {folder!r} "
+                "(it keeps only letters, digits, '_' and '-' of a beam name); rename one",
+            )
     return Plan(
         path=path,
         patient_id=identity["PatientID"],

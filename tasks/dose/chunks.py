@@ -26,8 +26,8 @@ _INF_BITS = np.float64(np.inf).view(np.uint64)
 class DoseSource:
     """One input dose file read by frame chunks through np.memmap.
 
-    Raw engine output is float64 Gy (scale 1) and is checked for negative and
-    non-finite values; RTDOSE pixel data is unsigned and scaled by its
+    Raw engine output is float64, `scale` Gy per unit (the calibration), and is checked
+    for negative and non-finite values; RTDOSE pixel data is unsigned and scaled by its
     DoseGridScaling.
     """
 
@@ -58,8 +58,8 @@ def chunks(shape: tuple[int, int, int]) -> Iterator[tuple[int, int]]:
 
 
 def _is_single_raw(sources: Sequence[DoseSource]) -> bool:
-    """One raw file: its memmap is the dose itself, no summing buffer needed."""
-    return len(sources) == 1 and sources[0].is_raw
+    """One raw file in Gy (scale 1): its memmap is the dose itself, no summing buffer needed."""
+    return len(sources) == 1 and sources[0].is_raw and sources[0].scale == 1.0
 
 
 def _chunk_gy(sources: Sequence[DoseSource], k0: int, k1: int, work: np.ndarray) -> np.ndarray:

@@ -11,6 +11,21 @@ DOSE_TYPES = ("PHYSICAL", "EFFECTIVE", "ERROR")
 PIXEL_DATA_TAG = 0x7FE00010
 
 
+@dataclass(frozen=True)
+class DoseFrame:
+    """The frame of reference a dose grid is in, as its RTDOSE file says it.
+
+    The engine scores in a beam-aligned water phantom, not in the patient: such a dose
+    gets a frame of reference of its own (one per plan, shared by its beams and their
+    sum), never the plan's, so that no tool overlays it on the patient's CT, and a
+    DoseComment that says what the coordinates are.
+    """
+
+    uid: str
+    comment: str  # DoseComment (3004,0006): what the coordinates mean
+    label: str  # in SeriesDescription: "water phantom", "2 cm plane"
+
+
 class RtDoseError(ValueError):
     """A dose file that cannot be written, read or trusted; the message names the file."""
 

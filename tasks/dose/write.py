@@ -30,7 +30,14 @@ from pydicom.valuerep import format_number_as_ds
 from tasks.dose.chunks import DoseSource, peak_dose, quantised
 from tasks.dose.files import atomic, file_size, write_and_hash
 from tasks.dose.geometry import DoseGeometry
-from tasks.dose.model import DOSE_TYPES, RT_DOSE_SOP_CLASS, RT_PLAN_SOP_CLASSES, RtDoseError, RtDoseInfo
+from tasks.dose.model import (
+    DOSE_TYPES,
+    RT_DOSE_SOP_CLASS,
+    RT_PLAN_SOP_CLASSES,
+    DoseFrame,
+    RtDoseError,
+    RtDoseInfo,
+)
 from tasks.moqui.grid import PhantomGrid
 
 MAX_PIXEL = 65535  # 16-bit unsigned
@@ -38,7 +45,7 @@ MAX_PIXEL = 65535  # 16-bit unsigned
 MANUFACTURER = "MQI Communicator"
 
 
-# Patient, General Study and Frame of Reference attributes the dose copies from its plan
+# Patient and General Study attributes the dose copies from its plan
 # (Type 2 ones are written empty when the plan lacks them), and what the plan must have.
 _FROM_PLAN = (
     "PatientName",
@@ -51,11 +58,9 @@ _FROM_PLAN = (
     "StudyID",
     "AccessionNumber",
     "ReferringPhysicianName",
-    "FrameOfReferenceUID",
-    "PositionReferenceIndicator",
 )
 
-_PLAN_REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID")
+_PLAN_REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")
 _GRID_FRAME_OFFSET_VECTOR = 0x3004000C
 
 
@@ -66,11 +71,16 @@ def raw_to_rtdose(
     out_path: Path,
     *,
     summation: Literal["BEAM", "PLAN"],
+    frame: DoseFrame,
     beam_number: int | None = None,
     dose_type: str = "PHYSICAL",
     fraction_group: int = 1,
+    scale: float = 1.0,
 ) -> RtDoseInfo:
-    """Write MOQUI raw dose (one beam, or the voxel-wise sum of beams) as an RTDOSE."""
+    """Write MOQUI raw dose (one beam, or the voxel-wise sum of beams) as an RTDOSE.
+
+    `scale` is the Gy per raw unit (the calibration); `frame` the grid's frame of reference.
+    """
     if summation == "BEAM":
         if len(raw_paths) != 1 or beam_number is None:
             raise RtDoseError("a BEAM dose needs exactly one raw file and a beam number")
@@ -89,13 +99,14 @@ def raw_to_rtdose(
                 f"{raw}: raw dose is {size} bytes, expected {expected} "
                 f"(nx*ny*nz*8 for grid {grid.dims} float64)"
             )
-        sources.append(DoseSource(raw, 0, np.dtype(np.float64), grid.shape, 1.0, True))
+        sources.append(DoseSource(raw, 0, np.dtype(np.float64), grid.shape, scale, True))
     return write_rtdose(
         sources,
         geometry,
         read_plan(plan_path),
         Path(out_path),
         summation=summation,
+        frame=frame,
         beam_number=beam_number,
         dose_type=dose_type,
         fraction_group=fraction_group,
@@ -109,6 +120,7 @@ def write_rtdose(
     out_path: Path,
     *,
     summation: str,
+    frame: DoseFrame,
     beam_number: int | None,
     dose_type: str,
     fraction_group: int,
@@ -120,7 +132,7 @@ def write_rtdose(
     peak = peak_dose(sources)
     scaling_ds = _scaling_ds(peak)
     header = io.BytesIO()
-    ds = _dataset(plan, geometry, summation, beam_number, dose_type, fraction_group, scaling_ds)
+    ds = _dataset(plan, geometry, summation, frame, beam_number, dose_type, fraction_group, scaling_ds)
     pydicom.dcmwrite(header, ds, enforce_file_format=True)
     # Pixel Data is the dataset's last element: its Explicit VR Little Endian
     # header goes here and the value is streamed chunk by chunk below, so no
@@ -160,6 +172,7 @@ def _dataset(
     plan: Dataset,
     geometry: DoseGeometry,
     summation: str,
+    frame: DoseFrame,
     beam_number: int | None,
     dose_type: str,
     fraction_group: int,
@@ -183,17 +196,21 @@ def _dataset(
     ds.SOPClassUID = RT_DOSE_SOP_CLASS
     ds.SOPInstanceUID = sop_instance_uid
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
-    # Patient, General Study, Frame of Reference: from the plan
+    # Patient and General Study from the plan; the Frame of Reference is the dose grid's own
     for keyword in _FROM_PLAN:
         setattr(ds, keyword, plan.get(keyword, ""))
+    ds.FrameOfReferenceUID = frame.uid
+    ds.PositionReferenceIndicator = ""
     # RT Series
     ds.Modality = "RTDOSE"
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber = 1
     ds.OperatorsName = ""
-    ds.SeriesDescription = f"MOQUI {summation} dose" + (
-        f" beam {beam_number}" if beam_number is not None else ""
-    )
+    ds.SeriesDescription = (
+        f"MOQUI {summation} dose"
+        + (f" beam {beam_number}" if beam_number is not None else "")
+        + f", {frame.label}"
+    )[:64]
     ds.SeriesDate, ds.SeriesTime = date, time
     # General Equipment
     ds.Manufacturer = MANUFACTURER
@@ -223,6 +240,8 @@ def _dataset(
     ds.DoseType = dose_type
     ds.DoseSummationType = summation
     ds.DoseGridScaling = scaling_ds
+    if frame.comment:
+        ds.DoseComment = frame.comment[:64]
     reference = Dataset()
     reference.ReferencedSOPClassUID = plan.SOPClassUID
     reference.ReferencedSOPInstanceUID = plan.SOPInstanceUID

@@ -1,19 +1,22 @@
 """A beam's engine run as values: what goes in (BeamInput), what came out (BeamResult).
 
 Small pydantic models passed between Prefect tasks, carrying what the code already
-knows (the moqui_tps.in values, the interpreter's CSV folder, the phantom grid, the
-dose file's name) so that nothing is parsed back from a file to recover it. The engine
-input file itself is written once, when the beam holds its GPU (`tps_text` with the
-GPUID), by the backend that launches it.
+knows (the moqui_tps.in values, the beam's staged input folder, the dose grid, the dose
+file's name) so that nothing is parsed back from a file to recover it. The engine input
+file itself is written once, when the beam holds its GPU (`tps_text` with the GPUID), by
+the backend that launches it.
 
 The input hash covers everything the engine reads for the beam (the moqui_tps.in text
-without GPUID, the plan copy, the beam's layer CSVs), so a rerun with identical inputs
-is recognised whatever GPU it lands on; it names the beam's job folder.
+without GPUID, and every file and folder of its staged input: the plan copy, the layer
+CSVs and the folders that steer which one the engine reads), so a rerun with identical
+inputs is recognised whatever GPU it lands on; it names the beam's job folder.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -34,12 +37,12 @@ class BeamInput(BaseModel):
     case_id: str
     beam_number: int
     beam_name: str
-    beam_dir: str  # work/<case>/beams/beam-NN: attempt logs, jobs/, dose/
-    csv_dir: str  # the interpreter's output folder: plan/ and log/<csv_dir_name>/
-    csv_dir_name: str  # this beam's folder of layer CSVs under log/
+    beam_dir: str  # work/<case>/beams/beam-NN: attempt logs, input/, jobs/, dose/
+    stage_dir: str  # this beam's own input folder (plan/, log/), tasks/moqui/staging.py
+    records: int  # spot records in its layer CSVs: what the engine must report reading
     tps: dict[str, TpsValue]  # every moqui_tps.in key but GPUID, with this machine's paths
-    grid: PhantomGrid
-    dose_name: str  # the engine's output file in OutputDir
+    grid: PhantomGrid  # the grid the dose comes back on (the phantom, or the 2 cm plane)
+    dose_name: str  # the engine's output file in OutputDir; a '*' in it matches anything
     input_hash: str
 
     @property
@@ -54,9 +57,10 @@ class BeamInput(BaseModel):
     def dose_dir(self) -> Path:
         return Path(self.beam_dir) / "dose"
 
-    @property
-    def dose_file(self) -> Path:
-        return self.dose_dir / self.dose_name
+    def dose_match(self, names: Iterable[str]) -> str | None:
+        """The one file name among `names` that the engine's output name fits; None if none or several."""
+        found = [name for name in names if fnmatch.fnmatchcase(name, self.dose_name)]
+        return found[0] if len(found) == 1 else None
 
     @property
     def dose_bytes(self) -> int:
@@ -74,6 +78,9 @@ class BeamResult(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     beam: BeamInput
+    dose_file: str  # the engine's dose file, here
+    histories: int | None = None  # as the engine reported them
+    beamlets: int | None = None
     engine_log: str
     engine_command: list[str]
     host: str
@@ -85,17 +92,11 @@ class BeamResult(BaseModel):
     job_dir: str = ""
 
 
-def engine_input_files(csv_dir: Path, csv_dir_name: str) -> list[Path]:
-    """Every file the engine reads for a beam besides moqui_tps.in: the plan copy and its layer CSVs."""
-    return sorted(p for p in (csv_dir / "plan").glob("*") if p.is_file()) + sorted(
-        (csv_dir / "log" / csv_dir_name).glob("*.csv")
-    )
-
-
-def input_hash(tps_text: str, csv_dir: Path, csv_dir_name: str) -> str:
-    """sha256 over the tps text (without GPUID), the plan copy and the beam's layer CSVs."""
+def input_hash(tps_text: str, stage_dir: Path) -> str:
+    """sha256 over the tps text (without GPUID) and every folder and file of the staged input."""
     digest = hashlib.sha256(tps_text.encode())
-    for path in engine_input_files(csv_dir, csv_dir_name):
-        digest.update(path.name.encode() + b"\0")
-        digest.update(path.read_bytes())
+    for path in sorted(stage_dir.rglob("*")):
+        digest.update(path.relative_to(stage_dir).as_posix().encode() + b"\0")
+        if path.is_file():
+            digest.update(path.read_bytes())
     return digest.hexdigest()

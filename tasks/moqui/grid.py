@@ -12,10 +12,11 @@ from tasks.moqui.tps_file import TpsFormatError
 class PhantomGrid:
     """The water phantom's dose grid as moqui_tps.in describes it.
 
-    Convention (uncertain in MOQUI's documentation, so kept in this one place):
-    `PhantomPosition*` is the outer corner of the first voxel in patient
-    coordinates (mm); voxel centres are at position + (i + 0.5) * unit. The raw
-    dose array is x-fastest: numpy shape (nz, ny, nx), C order.
+    Convention (the public engine's source: its grid3d edges and ijk2cnb):
+    `PhantomPosition*` is the outer corner of the first voxel, in the engine's
+    beam-aligned phantom frame (mm); voxel centres are at position + (i + 0.5) * unit.
+    The raw dose array is x-fastest: numpy shape (nz, ny, nx), C order; z index 0 is
+    the deepest slice (the beam travels -z and enters the top face).
     """
 
     dims: tuple[int, int, int]  # nx, ny, nz
@@ -51,11 +52,12 @@ class PhantomGrid:
             raise TpsFormatError(f"{source}: phantom dimensions and units must be positive")
         return cls(dims=dims, spacing=spacing, position=position)  # type: ignore[arg-type]
 
-    def tps_values(self) -> dict[str, object]:
-        """The moqui_tps.in keys that describe this grid."""
-        values: dict[str, object] = {}
+    def tps_values(self, whole_mm: bool = False) -> dict[str, int | float]:
+        """The moqui_tps.in keys that describe this grid (`whole_mm`: sizes and position as integers)."""
+        number = int if whole_mm else float
+        values: dict[str, int | float] = {}
         for axis, dim, unit, pos in zip("XYZ", self.dims, self.spacing, self.position, strict=True):
             values[f"PhantomDim{axis}"] = dim
-            values[f"PhantomUnit{axis}"] = float(unit)
-            values[f"PhantomPosition{axis}"] = float(pos)
+            values[f"PhantomUnit{axis}"] = number(unit)
+            values[f"PhantomPosition{axis}"] = number(pos)
         return values

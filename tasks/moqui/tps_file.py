@@ -20,6 +20,7 @@ TPS_KEYS: tuple[str, ...] = (
     "MaxHistoriesPerBatch",
     "Verbosity",
     "ParentDir",
+    "DicomPath",
     "DicomDir",
     "logFilePath",
     "GantryNum",
@@ -41,6 +42,7 @@ TPS_KEYS: tuple[str, ...] = (
     "BodyContourName",
     "SourceType",
     "SimulationType",
+    "ParticlesPerHistory",
     "NormalizeTotalHistories",
     "ScoreToCTGrid",
     "OutputDir",
@@ -53,14 +55,19 @@ class TpsFormatError(ValueError):
     """A moqui_tps.in that cannot be written or read as the engine expects."""
 
 
-def _format_value(value: object) -> str:
+def _format_value(key: str, value: object) -> str:
+    """A value as the engine reads it back: one line, no '#' (a comment starts there), no padding."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
         return repr(value)
     text = str(value)
     if not text or "\n" in text or "\r" in text:
-        raise TpsFormatError(f"value {text!r} cannot be written on one line")
+        raise TpsFormatError(f"{key}: value {text!r} cannot be written on one line")
+    if "#" in text:
+        raise TpsFormatError(f"{key}: value {text!r} holds '#', where the engine's reader cuts a comment off")
+    if text != text.strip():
+        raise TpsFormatError(f"{key}: value {text!r} starts or ends with white space, which the engine drops")
     return text
 
 
@@ -76,7 +83,7 @@ def format_tps(values: Mapping[str, object]) -> str:
         value = values[key]
         if value is None:
             raise TpsFormatError(f"moqui_tps.in key {key} has no value")
-        lines.append(f"{key} {_format_value(value)}")
+        lines.append(f"{key} {_format_value(key, value)}")
     return "\n".join(lines) + "\n"
 
 

@@ -51,7 +51,7 @@ def stale_reason(settings: Settings, beam: BeamInput) -> str | None:
         return None
     try:
         store = ResultStore(result_storage=LocalFileSystem(basepath=str(results_dir(settings))))
-        dose = Path(store.read(key).result.beam.dose_file)
+        dose = Path(store.read(key).result.dose_file)
     except Exception as error:  # an unreadable record (e.g. written by an older version) is simply not reused
         return f"its stored result {record} cannot be read ({type(error).__name__}: {error})"
     try:
