@@ -3,12 +3,15 @@
 Order: defaults in the models < the YAML file < `MQI__SECTION__KEY=value`
 environment variables (values parsed as YAML, so `MQI__BACKEND__GPUS=[0,1]`
 works). The file is `--config PATH`, else `$MQI_CONFIG`, else the working
-copy's `config/config.yaml`.
+copy's `config/config.yaml`. A `${NAME}` in a string of the file takes the value
+of environment variable NAME (where the tools are installed differs per machine);
+an unset one is an error naming the key and the variable.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -109,13 +112,39 @@ def _describe(error: ValidationError, source: str, env_used: list[str]) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(value: Any, env: Mapping[str, str], key: str, missing: list[str]) -> Any:
+    """`value` with every `${NAME}` in its strings replaced from `env`; unset names go to `missing`."""
+    if isinstance(value, dict):
+        return {k: _expand(v, env, f"{key}.{k}" if key else str(k), missing) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, env, f"{key}[{i}]", missing) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in env:
+            missing.append(f"{key}: environment variable {name} is not set")
+            return match.group(0)
+        return env[name]
+
+    return _ENV_REFERENCE.sub(substitute, value)
+
+
 def load_settings(
     path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
 ) -> Settings:
     """Read, merge and validate the settings; raise ConfigError naming every bad key."""
     source = config_path(path)
-    data = _read_yaml(source)
-    env_used = _apply_env(data, os.environ if env is None else env)
+    environment = os.environ if env is None else env
+    missing: list[str] = []
+    data = _expand(_read_yaml(source), environment, "", missing)
+    if missing:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(f"{source}: {m}" for m in missing))
+    env_used = _apply_env(data, environment)
     try:
         settings = Settings.model_validate(data)
     except ValidationError as err:

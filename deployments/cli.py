@@ -35,6 +35,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     console.print(f"[green]config OK[/green]: {escape(settings.source)}")
     for key, value, description in described(settings):
         console.print(f"{escape(key)}: {escape(value)}  [dim]# {escape(description)}[/dim]")
+    console.print(f"effective engine profile {escape(settings.engine.profile)}:")
+    for key, value, description in described(settings.engine_profile, "  "):
+        console.print(f"{escape(key)}: {escape(value)}  [dim]# {escape(description)}[/dim]")
     pool = GpuPool.of(settings.backend)
     console.print(
         escape(

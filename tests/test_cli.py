@@ -79,3 +79,17 @@ def test_run_prints_outputs_and_final_state(config_file, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "RTDOSE_beam02.dcm" in out and "RTDOSE_plan.dcm" in out
     assert "Completed: case RUN1: 2/2 beams done" in out
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("prefect_server")
+def test_a_sample_case_runs_on_a_fresh_data_root(tmp_path, capsys):
+    """`mqi sample-case` then `mqi run`, no `mqi demo` first: nothing under the data root yet."""
+    config = tmp_path / "fresh.yaml"
+    phantom = "tps:\n  phantom:\n    dims: [20, 20, 20]\n    unit_mm: [10, 10, 10]\n"
+    config.write_text(f"data_root: {tmp_path / 'fresh'}\n{phantom}")
+    cases = tmp_path / "cases"
+    assert main(["sample-case", str(cases), "--case-id", "FRESH", "--beams", "1"]) == 0
+    assert not (tmp_path / "fresh").exists()
+    assert main(["--config", str(config), "run", str(cases / "FRESH")]) == 0
+    assert "Completed: case FRESH: 1/1 beams done" in capsys.readouterr().out

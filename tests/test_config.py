@@ -146,3 +146,14 @@ def test_passphrase_sources_are_exclusive(tmp_path):
     )
     with pytest.raises(ConfigError, match="not both"):
         load_settings(write(tmp_path, text), env={})
+
+
+def test_a_value_may_take_an_environment_variable(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text('engine:\n  command: ["${MQI_ENGINE_DIR}/build/tps_env", "{input}"]\n')
+    settings = load_settings(path, env={"MQI_ENGINE_DIR": "/opt/moqui"})
+    assert settings.engine.command == ["/opt/moqui/build/tps_env", "{input}"]
+    with pytest.raises(
+        ConfigError, match=r"engine.command\[0\]: environment variable MQI_ENGINE_DIR is not set"
+    ):
+        load_settings(path, env={})
