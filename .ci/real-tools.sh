@@ -3,11 +3,20 @@
 # and print the `export` lines that point the real-tools tests at them (.ci/run evals them).
 #   engine: moqui_rev-*.tar.gz, CPU build (cmake, g++, libgdcm-dev), with .ci/moqui-cpu-rng.hpp
 #   interpreter: mqi_interpreter-*.tar.gz, in a venv of its own (numpy pydicom scipy openpyxl pyyaml)
-# Prints nothing (the tests then skip, naming the variables) when the tarballs are not there.
+# Prints nothing when the tarballs are not there: the real-tools tests then skip, naming the
+# variables (and fail under CI=1, as .ci/run sets it).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-tools=${MQI_TOOLS_DIR:-$(cd "$here/../.." && pwd)/shared/tools}
+# The tarballs: $MQI_TOOLS_DIR, else ../shared/tools next to this clone, else next to the local
+# repository it was cloned from (a clean clone made elsewhere).
+tools=${MQI_TOOLS_DIR:-}
+if [ -z "$tools" ]; then
+  for repo in "$here/.." "$(git -C "$here" remote get-url origin 2>/dev/null || true)"; do
+    if [ -n "$repo" ] && [ -d "$repo/../shared/tools" ]; then tools=$(cd "$repo/../shared/tools" && pwd); break; fi
+  done
+fi
 cache=${MQI_TOOLS_CACHE:-/var/cache/mqi-tools}
+[ -n "$tools" ] || exit 0
 engine_tar=$(ls "$tools"/moqui_rev-*.tar.gz 2>/dev/null | head -n 1 || true)
 interp_tar=$(ls "$tools"/mqi_interpreter-*.tar.gz 2>/dev/null | head -n 1 || true)
 [ -n "$engine_tar" ] && [ -n "$interp_tar" ] || exit 0
@@ -39,7 +48,8 @@ if [ ! -x "$interp/venv/bin/python" ] || [ ! -f "$interp/mqi_interpreter/main_cl
   rm -rf "$interp" && mkdir -p "$interp"
   tar xzf "$interp_tar" -C "$interp"
   python3 -m venv "$interp/venv"
-  "$interp/venv/bin/pip" install -q --disable-pip-version-check numpy pydicom scipy openpyxl pyyaml >/dev/null
+  "$interp/venv/bin/pip" install -q --disable-pip-version-check numpy pydicom scipy openpyxl pyyaml 2>&1 \
+    | { grep -v "^WARNING: Location" || true; } >&2
 fi
 
 echo "export MQI_ENGINE_DIR='$engine/moqui_rev'"
