@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 from config import load_settings  # noqa: E402
 from standins.sample_case import write_sample_case  # noqa: E402
 from tasks.backends.adopt import simulate_beam  # noqa: E402
+from tasks.backends.base import Holder  # noqa: E402
 from tasks.backends.local import LocalBackend  # noqa: E402
 from tasks.casefolder import discover_case  # noqa: E402
 from tasks.dose.outputs import convert_beam_dose  # noqa: E402
@@ -42,9 +43,9 @@ ENGINE_TIME = re.compile(r"Time taken by MC engine: ([\d.]+) milli-seconds")
 
 
 @contextlib.contextmanager
-def any_gpu(*, only: Sequence[int] | None = None, skip: SkipReason | None = None) -> Iterator[int]:
+def any_gpu(*, only: Sequence[int] | None = None, skip: SkipReason | None = None) -> Iterator[Holder]:
     """GPU 0 without a lease: one beam, nothing to share it with."""
-    yield 0
+    yield Holder(run="benchmark", attempt=1, gpu=0, lease="")
 
 
 def config(root: Path, pph: float) -> Path:

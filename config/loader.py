@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from config.settings import Settings
+from config.settings import UNECHOED_KEYS, Settings
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 ENV_PREFIX = "MQI__"
@@ -104,7 +104,7 @@ def _describe(error: ValidationError, source: str, env_used: list[str]) -> str:
             message = "unknown key"
         else:
             message = item["msg"].removeprefix("Value error, ")
-            if "input" in item and not isinstance(item["input"], dict):
+            if "input" in item and not isinstance(item["input"], dict) and key not in UNECHOED_KEYS:
                 message += f" (got {item['input']!r})"
         env_name = ENV_PREFIX + "__".join(str(p).upper() for p in item["loc"])
         origin = f"environment {env_name}" if env_name in env_used else source

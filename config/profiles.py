@@ -27,7 +27,7 @@ OUTPUT_FILE_FIELDS = {"beam_name", "beam_number", "child", "scorer", "ext"}
 class TwoCentimeterPlane(BaseModel):
     """The dose plane TwoCentimeterMode scores instead of the phantom grid."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     dims: tuple[int, int, int] = Field(description="Voxels in x, y, z of the scored plane.")
     spacing_mm: tuple[float, float, float] = Field(description="Voxel size (mm) of the scored plane.")
@@ -46,7 +46,7 @@ class TwoCentimeterPlane(BaseModel):
 class EngineProfile(BaseModel):
     """What one engine build reads and prints."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     description: str = Field(
         min_length=1, description="Which build this profile describes, and how it is known."

@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import math
 import re
+import socket
 import string
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
+from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 from config.profiles import EngineProfile, shipped_profiles
 
@@ -30,11 +41,28 @@ OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No infinity or NaN anywhere: `.inf` for a timeout or a lease passed the check and then
+    # failed every beam with an unclear error.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _plain_file_name(value: str) -> str:
+    """A single name in a folder: what the sensor and the flow join to a case or scan folder."""
+    if (
+        value in ("", ".", "..")
+        or "/" in value
+        or "\\" in value
+        or any(ord(char) < 32 or ord(char) == 127 for char in value)
+    ):
+        raise ValueError(f"{value!r} is not a plain file name (no path separators, not '.' or '..')")
+    return value
+
+
+PlainFileName = Annotated[str, AfterValidator(_plain_file_name)]
 
 
 def placeholders(template: str) -> set[str]:
-    """The `{name}` fields a template uses (format-spec and conversion ignored)."""
+    """The `{name}` fields a template uses."""
     return {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
 
 
@@ -50,10 +78,18 @@ def require_placeholders(argv: list[str], allowed: set[str], required: set[str])
 
 
 def check_placeholders(template: str, allowed: set[str]) -> str:
+    """`template` uses only `allowed` names, each plainly: `{name}`, no format spec, no conversion."""
     try:
-        used = placeholders(template)
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)]
     except ValueError as bad:
         raise ValueError(f"{template!r} is not a valid template: {bad}") from None
+    for name, spec, conversion in fields:
+        if spec or conversion:
+            raise ValueError(
+                f"{template!r}: placeholder {{{name}}} has a format spec or conversion "
+                f"({'!' + conversion if conversion else ''}{':' + spec if spec else ''}); write {{{name}}}"
+            )
+    used = {name for name, _, _ in fields if name is not None}
     unknown = used - allowed
     if "" in used or unknown:
         names = ", ".join(sorted("{" + n + "}" for n in unknown | ({""} & used)))
@@ -82,8 +118,13 @@ class PathSettings(Strict):
     output_dir: str = Field(
         "{data_root}/output/{case_id}", description="Per-case RTDOSE files and provenance."
     )
+    results_dir: str = Field(
+        "{data_root}/results",
+        description="Stored results of finished beam simulations (what reruns reuse) and Prefect's "
+        "result storage; on a path every worker machine shares when workers span machines.",
+    )
 
-    @field_validator("scan_dir")
+    @field_validator("scan_dir", "results_dir")
     @classmethod
     def _scan(cls, value: str) -> str:
         return check_placeholders(value, PATH_FIELDS)
@@ -100,9 +141,8 @@ class PathSettings(Strict):
 class CaseSettings(Strict):
     """What makes a case folder complete, and which delivery of a beam is recalculated."""
 
-    ready_marker: str = Field(
+    ready_marker: PlainFileName = Field(
         DEFAULT_READY_MARKER,
-        min_length=1,
         description="File the transfer service writes into a case folder when it is complete.",
     )
     delivery_policy: DeliveryPolicy = Field(
@@ -152,7 +192,7 @@ class EngineSettings(Strict):
     timeout_seconds: float = Field(7200, gt=0, description="A beam's engine run is killed after this.")
     poll_seconds: float = Field(0.5, gt=0, le=60, description="How often the engine log is read.")
     retries: int = Field(2, ge=0, le=10, description="Extra attempts for transient engine faults.")
-    retry_delay_seconds: list[float] = Field(
+    retry_delay_seconds: list[Annotated[float, Field(ge=0)]] = Field(
         default=[2, 10],
         min_length=1,
         description="Pause before each retry of a beam (the last value repeats for later retries).",
@@ -247,8 +287,10 @@ class TpsSettings(Strict):
 class BackendSettings(Strict):
     """Where the engines run, and the GPUs they may use there."""
 
-    kind: Literal["local", "ssh"] = Field(
-        "local", description="Where engines run: this machine, or the GPU host of the ssh: section."
+    kind: Literal["local", "ssh", "slurm"] = Field(
+        "local",
+        description="Where engines run: this machine, the GPU host of the ssh: section, or Slurm jobs "
+        "(slurm: section; over SSH when there is an ssh: section).",
     )
     host: str = Field(
         "local",
@@ -373,6 +415,69 @@ class SshSettings(Strict):
         return self
 
 
+SLURM_STATES = Literal[
+    "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"
+]
+SLURM_NAME = r"^[A-Za-z0-9_.+-]+$"
+
+
+class SlurmSettings(Strict):
+    """Beams as Slurm batch jobs (backend.kind: slurm): Slurm allocates the GPUs, no GPU lease is taken."""
+
+    partition: str | None = Field(
+        None, pattern=SLURM_NAME, description="sbatch --partition (default: Slurm's)."
+    )
+    account: str | None = Field(None, pattern=SLURM_NAME, description="sbatch --account.")
+    qos: str | None = Field(None, pattern=SLURM_NAME, description="sbatch --qos.")
+    gres: str = Field(
+        "gpu:1", pattern=r"^gpu(:[A-Za-z0-9_.-]+)?:1$", description="sbatch --gres: one GPU per beam."
+    )
+    cpus_per_task: int = Field(1, ge=1, le=256, description="sbatch --cpus-per-task.")
+    memory: str | None = Field(
+        None, pattern=r"^[0-9]+[KMGT]?$", description="sbatch --mem (e.g. 16G; default: the partition's)."
+    )
+    time_limit_minutes: int | None = Field(
+        None,
+        ge=1,
+        description="sbatch --time in minutes; default: engine.timeout_seconds plus 5 minutes, rounded up.",
+    )
+    extra_sbatch: list[str] = Field(
+        default=[],
+        description="More `#SBATCH` lines for the batch script, without the `#SBATCH` (e.g. --exclusive).",
+    )
+    retry_states: list[SLURM_STATES] = Field(
+        default=["NODE_FAIL", "PREEMPTED", "BOOT_FAIL"],
+        description="Slurm end states of a job that never wrote its exit record that are retried; the "
+        "others fail the beam at once. A job whose engine exited is judged by its exit code and log, as on "
+        "every backend.",
+    )
+    max_queued_jobs: int | None = Field(
+        None,
+        ge=1,
+        description="At most this many of this deployment's jobs in Slurm's queue (pending or running) at "
+        "once: a Prefect global concurrency limit slurm-queue-<login host, or local>, a place held by each "
+        "beam from before sbatch until its job has ended. Default none: no cap (Slurm queues them all).",
+    )
+    poll_seconds: float = Field(2, gt=0, le=60, description="How often a job's state, log and exit are read.")
+    command_timeout_seconds: float = Field(
+        20,
+        gt=0,
+        description="Longest any sbatch/squeue/sacct/scancel/sinfo call may take (they hang while "
+        "slurmctld is down).",
+    )
+    unreachable_seconds: float = Field(
+        900, ge=0, description="How long following a job keeps asking while slurmctld does not answer."
+    )
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _one_line_each(cls, value: list[str]) -> list[str]:
+        for line in value:
+            if not line.strip() or any(c in line for c in "\0\n\r"):
+                raise ValueError(f"{line!r} must be one non-empty line")
+        return value
+
+
 class DicomSettings(Strict):
     """The RTDOSE files written."""
 
@@ -411,6 +516,61 @@ class DoseSettings(Strict):
         return value
 
 
+class QaSettings(Strict):
+    """Patient-specific QA: each beam's recalculated dose against its reference (TPS dose or measurement)."""
+
+    enabled: bool = Field(True, description="Compare every beam that has a reference; false skips QA.")
+    dose_percent: float = Field(
+        2.0, gt=0, le=20, description="Gamma dose criterion, % (of the reference maximum when global)."
+    )
+    distance_mm: float = Field(2.0, gt=0, le=20, description="Gamma distance-to-agreement criterion, mm.")
+    low_dose_cutoff_percent: float = Field(
+        5.0,
+        ge=0,
+        lt=100,
+        description="Reference points below this % of the reference maximum are not evaluated.",
+    )
+    normalisation: Literal["global", "local"] = Field(
+        "global",
+        description="global: the dose criterion is a % of the reference maximum; local: of each "
+        "point's dose.",
+    )
+    action_level_percent: float = Field(
+        95.0, gt=0, le=100, description="A beam passes when at least this % of its evaluated points pass."
+    )
+    reference_dir: str | None = Field(
+        None,
+        description="A folder of references besides the case folder ({data_root}, {case_id} allowed); "
+        "TPS RTDOSE files and OCTAVIUS .mcc files are looked for there and in the case folder.",
+    )
+    measurement_depth_mm: float = Field(
+        20.0,
+        gt=0,
+        description="Depth in water of an .mcc measurement plane (the clinic's plane QA: 20 mm); a 3-D "
+        "recalculated dose is compared at this depth.",
+    )
+    search_steps: int = Field(
+        10,
+        ge=2,
+        le=100,
+        description="Gamma search steps per distance criterion (pymedphys interp_fraction): 10 searches "
+        "every 0.2 mm at 2 mm; points found just above 1 (up to 1.2) are searched again in 30 steps "
+        "(benchmarks/gamma.py: with that, 10 agrees with a brute-force search).",
+    )
+    rbe: float = Field(
+        1.1,
+        gt=0,
+        le=2,
+        description="A reference of DoseType EFFECTIVE (RBE-weighted, as RayStation exports) is divided by "
+        "this before it is compared with the physical recalculated dose.",
+    )
+
+    @field_validator("reference_dir")
+    @classmethod
+    def _reference_dir(cls, value: str | None) -> str | None:
+        return None if value is None else check_placeholders(value, CASE_PATH_FIELDS)
+
+
 class SensorSettings(Strict):
     """The file sensor: when a case folder in the scan folder becomes a case run, and how many run."""
 
@@ -442,7 +602,7 @@ class SensorSettings(Strict):
         "keep changing, waits; after settle_seconds + this long it is reported (log and an "
         "mqi.case.incomplete event).",
     )
-    room_folders: list[str] = Field(
+    room_folders: list[PlainFileName] = Field(
         default=["G1", "G2"],
         description="Subfolders of the scan folder that hold the cases of one gantry room (scan/G2/<case>).",
     )
@@ -458,13 +618,88 @@ class SensorSettings(Strict):
         description="The deployment that runs a case: '<flow name>/<deployment name>' (prefect.yaml).",
     )
 
-    @field_validator("room_folders")
+
+class NotifySettings(Strict):
+    """Who is told when a case fails: a Prefect automation that `mqi up` creates from these."""
+
+    blocks: list[str] = Field(
+        default=[],
+        description="Prefect notification blocks, as '<block type slug>/<block name>' (e.g. "
+        "'slack-webhook/physics', 'email/physics'), each told when a case run fails. Create them on the "
+        "UI's Blocks page: they hold the webhook URL or mail credentials, which never belong here.",
+    )
+    webhook_urls: list[str] = Field(
+        default=[],
+        description='URLs sent a JSON POST ({"subject", "body"}) when a case run fails; `mqi up` '
+        "keeps each in a custom-webhook block. A URL holding a token comes from the environment: ${VAR}.",
+    )
+
+    @field_validator("blocks")
     @classmethod
-    def _rooms(cls, value: list[str]) -> list[str]:
-        for name in value:
-            if not name or name in (".", "..") or "/" in name or "\\" in name:
-                raise ValueError(f"{name!r} is not a folder name")
+    def _slug_and_name(cls, value: list[str]) -> list[str]:
+        for block in value:
+            if block.count("/") != 1 or not all(block.split("/")):
+                raise ValueError(f"{block!r} is not '<block type slug>/<block name>'")
         return value
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _http(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http(s) URL")
+        return value
+
+
+UNECHOED_KEYS = {"server.database"}  # a wrong value may hold a password: errors do not repeat it
+SharedPath = Literal["scan_dir", "output_dir", "results_dir"]
+POSTGRES_URL = re.compile(
+    r"^postgresql\+asyncpg://(?P<user>[^:@/\s]+)(?P<password>:[^@/\s]*)?@(?P<host>[^:@/\s]+)(:\d+)?/[^/\s?]+$"
+)
+
+
+class ServerSettings(Strict):
+    """The Prefect server: its database, and what the machines that share it must agree on."""
+
+    database: str = Field(
+        "sqlite",
+        description="The server's database: 'sqlite' (a file under the data root's prefect/ folder, one "
+        "machine) or postgresql+asyncpg://USER@HOST:PORT/DB (several machines; no password here: "
+        "see password_env).",
+    )
+    password_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding the PostgreSQL user's password (null: none, e.g. "
+        "trust or peer authentication); the password is never read from this file.",
+    )
+    machine: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="This machine's name among the workers of one server (its worker is mqi-<machine>); "
+        "null: the host name.",
+    )
+    shared_paths: list[SharedPath] = Field(
+        default=["scan_dir", "output_dir", "results_dir"],
+        description="Paths every machine must see at the same place (a case run may run on any "
+        "worker); `mqi up` records them on the server and a worker whose paths differ refuses to start.",
+    )
+
+    @field_validator("database")
+    @classmethod
+    def _database(cls, value: str) -> str:
+        if value == "sqlite":
+            return value
+        match = POSTGRES_URL.match(value)
+        if match is None:
+            raise ValueError("neither 'sqlite' nor postgresql+asyncpg://USER@HOST[:PORT]/DB")
+        if match["password"]:
+            raise ValueError("the URL holds a password; name its environment variable in server.password_env")
+        return value
+
+    @property
+    def postgres(self) -> bool:
+        return self.database != "sqlite"
 
 
 class Settings(Strict):
@@ -481,7 +716,11 @@ class Settings(Strict):
     engine: EngineSettings = Field(EngineSettings(), description="The MOQUI engine.")
     tps: TpsSettings = Field(TpsSettings(), description="Options written to every moqui_tps.in.")
     backend: BackendSettings = Field(BackendSettings(), description="Where engines run, on which GPUs.")
-    ssh: SshSettings | None = Field(None, description="The GPU node over SSH (backend.kind: ssh).")
+    ssh: SshSettings | None = Field(
+        None,
+        description="The GPU node over SSH (backend.kind: ssh), or Slurm's login node (backend.kind: slurm).",
+    )
+    slurm: SlurmSettings = Field(SlurmSettings(), description="Slurm batch jobs (backend.kind: slurm).")
     dicom: DicomSettings = Field(DicomSettings(), description="The RTDOSE files written.")
     dose: DoseSettings = Field(DoseSettings(), description="The dose scale and what an acceptable dose is.")
     engine_profiles: dict[str, EngineProfile] = Field(
@@ -490,6 +729,13 @@ class Settings(Strict):
         "by name; engine.profile may name one.",
     )
     sensor: SensorSettings = Field(SensorSettings(), description="The file sensor and how many cases run.")
+    notify: NotifySettings = Field(NotifySettings(), description="Who is told when a case fails.")
+    qa: QaSettings = Field(
+        QaSettings(), description="Patient-specific QA: gamma against each beam's reference."
+    )
+    server: ServerSettings = Field(
+        ServerSettings(), description="The Prefect server's database and the machines that share it."
+    )
     _source: Path | None = PrivateAttr(None)  # the config file; relative paths resolve beside it
 
     @model_validator(mode="after")
@@ -568,11 +814,44 @@ class Settings(Strict):
         path = Path(value).expanduser()
         return path if path.is_absolute() else self._base() / path
 
+    @property
+    def results_dir(self) -> Path:
+        return self._path(self.paths.results_dir)
+
+    @property
+    def machine(self) -> str:
+        """This machine's name among the workers of one server."""
+        return self.server.machine or socket.gethostname()
+
+    def shared_paths(self) -> dict[str, str]:
+        """server.shared_paths -> where this machine has them (per-case paths as templates)."""
+        return {
+            name: str(self._path(getattr(self.paths, name), case_id="{case_id}"))
+            for name in self.server.shared_paths
+        }
+
+    def database_url(self, env: Mapping[str, str]) -> str | None:
+        """The server's PostgreSQL URL, its password from `env`; None for SQLite. A secret: never print it."""
+        server = self.server
+        if not server.postgres:
+            return None
+        if server.password_env is None:
+            return server.database
+        password = env.get(server.password_env)
+        if not password:
+            raise ValueError(f"server.password_env: environment variable {server.password_env} is not set")
+        scheme, rest = server.database.split("://", 1)
+        return f"{scheme}://{rest.split('@', 1)[0]}:{quote(password, safe='')}@{rest.split('@', 1)[1]}"
+
     def work_dir(self, case_id: str) -> Path:
         return self._path(self.paths.work_dir, case_id=case_id)
 
     def output_dir(self, case_id: str) -> Path:
         return self._path(self.paths.output_dir, case_id=case_id)
+
+    def qa_reference_dir(self, case_id: str) -> Path | None:
+        """The configured folder of the case's QA references, if any (the case folder is always searched)."""
+        return None if self.qa.reference_dir is None else self._path(self.qa.reference_dir, case_id=case_id)
 
     @property
     def engine_profile(self) -> EngineProfile:

@@ -32,6 +32,21 @@ SERVER_DEFAULTS = {
 }
 
 
+def own_address(port: int) -> dict[str, str]:
+    """The settings that tell a server on 127.0.0.1:`port` where it is, for its UI and its links.
+
+    Without them its UI asks the API at PREFECT_API_URL, else at PREFECT_SERVER_API_PORT
+    (4200), whatever `--port` it was started with: a server on another port serves a UI
+    that cannot reach it, or shows another server's runs.
+    """
+    ui = f"http://127.0.0.1:{port}"
+    return {
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_UI_API_URL": f"{ui}/api",
+        "PREFECT_UI_URL": ui,
+    }
+
+
 def apply_server_defaults(env: MutableMapping[str, str] = os.environ) -> dict[str, str]:
     """Set each default the environment does not already set; return what was applied."""
     applied = {key: value for key, value in SERVER_DEFAULTS.items() if key not in env}

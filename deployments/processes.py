@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 STOP_GRACE_SECONDS = 15
 
 
-def descendants(root: int) -> list[int]:
-    """Every process below `root`, from /proc."""
-    children: dict[int, list[int]] = {}
+def _processes() -> Iterator[tuple[int, int, int]]:
+    """(pid, parent pid, session id) of every process, from /proc."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -26,8 +26,25 @@ def descendants(root: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:  # exited meanwhile
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
+        fields = stat.rsplit(")", 1)[1].split()
+        yield int(entry.name), int(fields[1]), int(fields[3])
+
+
+def session_members(leader: int) -> list[int]:
+    """Every process in the session `leader` started (start_new_session), even once it is gone.
+
+    A process whose parent died is adopted by init, so it is no longer below the leader;
+    it stays in the leader's session unless it made a session of its own (as the detached
+    engine jobs do, on purpose: they outlive us and are adopted by the next run).
+    """
+    return [pid for pid, _, session in _processes() if session == leader and pid != leader]
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below `root`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid, _ in _processes():
+        children.setdefault(ppid, []).append(pid)
     found, todo = [], [root]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -49,11 +66,13 @@ def stop_tree(root: int, grace: float = STOP_GRACE_SECONDS, kill_root: bool = Fa
     """SIGTERM the process groups of `root` and of every process below it; SIGKILL what outlives `grace`.
 
     `root` must lead a process group of its own (a new session, or setpgid), so that
-    none of these groups holds a process it did not start. `kill_root` SIGKILLs `root`
+    none of these groups holds a process it did not start. If it leads a session, every
+    process left in that session is stopped too, also when `root` itself is gone (SIGKILLed:
+    its children were re-parented, but they are still in its session). `kill_root` SIGKILLs `root`
     first: a flow run being cancelled must not report itself Crashed on SIGTERM. The
     caller reaps `root`.
     """
-    pids = [root, *descendants(root)]
+    pids = [root, *descendants(root), *session_members(root)]
     groups = set()
     for pid in pids:
         try:

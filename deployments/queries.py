@@ -55,7 +55,7 @@ def status_rows(settings: Settings, client: SyncPrefectClient, limit: int) -> li
                 ),
                 "started": start.astimezone().strftime("%Y-%m-%d %H:%M:%S") if start else "",
                 "duration": _duration(run) if run.start_time else "",
-                "message": message.splitlines()[0][:100] if message else "",
+                "message": message.splitlines()[0] if message else "",
             }
         )
     return rows
@@ -96,13 +96,21 @@ def rerun(settings: Settings, case: str, beams: list[int], force: bool) -> FlowR
     inspection = inspect_case(
         folder.path, ready_marker=settings.case.ready_marker, delivery_policy=settings.case.delivery_policy
     )
-    return start_case_run(
+    treatment = [beam.number for beam in inspection.beams]
+    unknown = sorted(set(beams) - set(treatment))
+    if unknown and not inspection.problems:  # refused before a run is made that would fail
+        raise ServiceError(
+            f"case {folder.case_id} has no treatment beam {', '.join(map(str, unknown))} "
+            f"(treatment beams: {', '.join(map(str, treatment))})"
+        )
+    run, _ = start_case_run(  # no idempotency key: always a new run
         settings,
         folder.path,
         trigger="manual",
         room=room_tag(folder, inspection),
         extra={"rerun_beams": beams, "force": force},
     )
+    return run
 
 
 def wait_final(client: SyncPrefectClient, run_id: UUID, poll: float = 1.0) -> FlowRun:
@@ -114,9 +122,9 @@ def wait_final(client: SyncPrefectClient, run_id: UUID, poll: float = 1.0) -> Fl
     return run
 
 
-def print_status(settings: Settings, port: int, limit: int) -> int:
+def print_status(settings: Settings, port: int | None, limit: int, api: str | None = None) -> int:
     """`mqi status`: the recent case runs and the file sensor."""
-    api = api_url(port)
+    api = api_url(port, api)
     try:
         with connected(api) as client:
             rows = status_rows(settings, client, limit)
@@ -127,15 +135,23 @@ def print_status(settings: Settings, port: int, limit: int) -> int:
     table = Table(*STATUS_COLUMNS, title=f"recent cases ({ui_url(api)})")
     for row in rows:
         table.add_row(*(row[column] for column in STATUS_COLUMNS))
-    console = Console()
+    console = Console(markup=False)  # case names and messages printed as they are
     console.print(table)
     console.print(f"file sensor: {sensor}")
     return 0
 
 
-def start_rerun(settings: Settings, port: int, case: str, beams: list[int], force: bool, wait: bool) -> int:
+def start_rerun(
+    settings: Settings,
+    port: int | None,
+    case: str,
+    beams: list[int],
+    force: bool,
+    wait: bool,
+    api: str | None = None,
+) -> int:
     """`mqi rerun`: start the run, print its link; with `wait`, its final state (exit 1 unless Completed)."""
-    api = api_url(port)
+    api = api_url(port, api)
     try:
         with connected(api) as client:
             run = rerun(settings, case, beams, force)

@@ -32,15 +32,27 @@ DEFAULT_PORT = 4200
 PREFECT_CLI = str(Path(sys.executable).with_name("prefect"))  # the one of this environment
 SENSOR_FLOW = "file-sensor"
 SENSOR_DEPLOYMENT = f"{SENSOR_FLOW}/sensor"
+MONITOR_FLOW = "gpu-monitor"
+MONITOR_DEPLOYMENT = f"{MONITOR_FLOW}/gpus"
 
 
 class ServiceError(RuntimeError):
     """The service cannot start or keep running; the message says what and where to look."""
 
 
-def api_url(port: int = DEFAULT_PORT) -> str:
-    """PREFECT_API_URL when set (environment or Prefect profile), else the local one `mqi up` starts."""
-    return PREFECT_API_URL.value() or f"http://127.0.0.1:{port}/api"
+def api_url(port: int | None = None, api: str | None = None) -> str:
+    """The server a command talks to: `--api`, else `--port` on 127.0.0.1, else PREFECT_API_URL
+    (environment or Prefect profile), else the local one `mqi up` starts on port 4200.
+
+    An option given on the command line wins over PREFECT_API_URL, with a note saying so.
+    """
+    chosen = api.rstrip("/") if api else f"http://127.0.0.1:{port}/api" if port is not None else None
+    configured = PREFECT_API_URL.value()
+    if chosen is None:
+        return configured or f"http://127.0.0.1:{DEFAULT_PORT}/api"
+    if configured and configured.rstrip("/") != chosen:
+        print(f"note: using {chosen}, not PREFECT_API_URL={configured}", file=sys.stderr)
+    return chosen
 
 
 def ui_url(api: str) -> str:

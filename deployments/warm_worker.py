@@ -35,9 +35,13 @@ import anyio.abc
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
+from config import load_settings
+from deployments.cancel import cancelled_message, run_settings
 from deployments.processes import stop_tree
+from tasks.backends.cancel import stop_case_jobs
 from tasks.prefect_api.client import async_api_client, flow_run_client_context
-from tasks.prefect_api.internals import mark_flow_run_cancelled, replace_worker_client
+from tasks.prefect_api.internals import mark_flow_run_cancelled, replace_worker_client, set_up_lines_at_debug
+from tasks.prefect_api.secrets import secret_value
 
 # What every flow run imports anyway: imported once, in the fork server.
 PRELOAD = ["prefect.engine", "prefect.flow_engine", "flows.case", "flows.sensor", "flows.gpu_monitor"]
@@ -54,6 +58,7 @@ def run_engine(flow_run_id: str, env: dict[str, str], cwd: str | None) -> None:
     if cwd:
         os.chdir(cwd)
     sys.argv = ["prefect.engine"]
+    set_up_lines_at_debug()
     with flow_run_client_context():  # the engine's client, and the run's own calls': ours
         runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
 
@@ -94,9 +99,13 @@ class WarmProcessWorker(ProcessWorker):
         return ProcessWorkerResult(status_code=process.exitcode or 0, identifier=str(process.pid))
 
     async def _cancel_when_asked(self, flow_run_id: UUID, pid: int) -> None:
-        """Cancel in the UI: stop the run and every process below it (the tool it runs), then mark it.
+        """Cancel in the UI: stop the run and every process below it (the tool it runs), then its
+        engine jobs, and mark it Cancelled with what was stopped.
 
-        Engine jobs a backend starts detached, to be adopted after a crash, are not below it.
+        Engine jobs a backend starts detached, to be adopted after a crash, are not below it:
+        a case run's are stopped through their job records (deployments/cancel.py), after
+        its process, so that nothing launches them again; Slurm jobs are scancelled
+        (tasks/backends/cancel.py).
         """
         while True:
             await anyio.sleep(CANCEL_POLL_SECONDS)
@@ -104,22 +113,41 @@ class WarmProcessWorker(ProcessWorker):
             if run.state_type == StateType.CANCELLING:
                 with anyio.CancelScope(shield=True):  # the run's end must not interrupt marking it
                     await anyio.to_thread.run_sync(partial(stop_tree, pid, kill_root=True))
-                    await mark_flow_run_cancelled(self, run)
+                    message = None
+                    if "case_dir" in run.parameters:  # a case run: its engines too
+                        settings = run_settings(run, load_settings())
+                        message = await anyio.to_thread.run_sync(cancelled_message, settings, run)
+                        await anyio.to_thread.run_sync(self._stop_engine_jobs, run)
+                    await mark_flow_run_cancelled(self, run, message)
                 return
 
+    def _stop_engine_jobs(self, run: FlowRun) -> None:
+        """A scheduler's jobs (Slurm) outlive the run's process: scancel them; never fail the cancel."""
+        if "case_dir" not in run.parameters:
+            return
+        try:
+            stopped = stop_case_jobs(run.parameters, secret_value)
+        except Exception as error:  # the run is still marked cancelled
+            self._logger.warning("could not stop the engine jobs of run %s: %s", run.name, error)
+            return
+        if stopped:
+            self._logger.info("run %s cancelled: stopped Slurm job(s) %s", run.name, " ".join(stopped))
 
-async def serve(pool: str, name: str | None) -> None:
+
+async def serve(pool: str, name: str | None, queues: list[str] | None = None) -> None:
+    set_up_lines_at_debug()
     FORKSERVER.set_forkserver_preload(PRELOAD)
     multiprocessing.forkserver.ensure_running()  # pay for the imports now, not at the first case
-    await WarmProcessWorker(work_pool_name=pool, name=name).start()
+    await WarmProcessWorker(work_pool_name=pool, name=name, work_queues=queues).start()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m deployments.warm_worker", description=__doc__)
     parser.add_argument("--pool", required=True)
     parser.add_argument("--name")
+    parser.add_argument("--work-queue", action="append", help="poll only these queues (repeatable)")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.pool, args.name))
+    asyncio.run(serve(args.pool, args.name, args.work_queue))
 
 
 if __name__ == "__main__":

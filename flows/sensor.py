@@ -8,13 +8,15 @@ re-read of every case's files every `sensor.rescan_seconds` is the safety net fo
 rewritten in place). Exactly once: each run is created with an idempotency key made
 from the folder's content, so the server returns the existing run for content it has
 seen, whatever duplicate file events or restarts happen; a changed folder has a new key
-and runs again. Nothing in the scan folder is ever written.
+and runs again. Nothing in the scan folder is ever written. Case runs that crashed (a lost
+worker machine, a stopped service) are run again (`FileSensor.resume_crashed`).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from uuid import UUID, uuid4
 
 from prefect import flow
 from prefect.client.orchestration import SyncPrefectClient
@@ -22,20 +24,26 @@ from prefect.client.schemas.filters import (
     FlowFilter,
     FlowFilterName,
     FlowRunFilter,
+    FlowRunFilterDeploymentId,
     FlowRunFilterIdempotencyKey,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.events import emit_event
 from prefect.logging import get_run_logger
-from prefect.states import AwaitingRetry
 
 from config import load_settings
 from config.settings import Settings
+from tasks.prefect_api.case_turn import active_case_runs
 from tasks.prefect_api.client import api_client
+from tasks.prefect_api.resume import resume_if_crashed
 from tasks.scanfolder.folders import room_tag, shown
 from tasks.scanfolder.watcher import CaseWatcher, ReadyCase
 
 KEY_LOOKUP_CHUNK = 100  # idempotency keys per query when matching ready cases to existing runs
+CREATION_LABEL = "mqi.creation"  # a case run's label: which start_case_run call made it
+RESUME_CHECK_SECONDS = 5  # how often crashed case runs are looked for
 
 
 def start_case_run(
@@ -47,25 +55,33 @@ def start_case_run(
     key: str | None = None,
     config: str | None = None,
     extra: dict[str, object] | None = None,
-) -> FlowRun:
-    """Create a run of the case deployment, named after the case and tagged with room and trigger.
+    deployment_id: UUID | None = None,
+) -> tuple[FlowRun, bool]:
+    """Create a run of the case deployment, named after the case and tagged with room and trigger;
+    return it and whether this call made it.
 
     The one place case runs are created (the sensor and `mqi rerun`). `key` makes the
-    creation idempotent; `config` is passed only when given, else the worker's MQI_CONFIG
-    applies.
+    creation idempotent: a run another sensor made first for the same content is returned
+    instead (it carries that sensor's creation label, not ours). `config` is passed only
+    when given, else the worker's MQI_CONFIG applies. `deployment_id`, when the caller
+    knows it, saves reading the deployment.
     """
     parameters: dict[str, object] = {"case_dir": str(case_dir), **(extra or {})}
     if config is not None:
         parameters["config"] = config
+    creation = uuid4().hex
     with api_client() as client:  # a busy server is asked again at once, not after seconds
-        deployment = client.read_deployment_by_name(settings.sensor.case_deployment)
-        return client.create_flow_run_from_deployment(  # a run of its own, not a child of the sensor's
-            deployment.id,
+        if deployment_id is None:
+            deployment_id = client.read_deployment_by_name(settings.sensor.case_deployment).id
+        run = client.create_flow_run_from_deployment(  # a run of its own, not a child of the sensor's
+            deployment_id,
             parameters=parameters,
             name=case_dir.name,
             tags=[tag for tag in (room, f"trigger:{trigger}") if tag],
             idempotency_key=key,
+            labels={CREATION_LABEL: creation},
         )
+    return run, run.labels.get(CREATION_LABEL) == creation
 
 
 def runs_by_key(client: SyncPrefectClient, flow_name: str, keys: list[str]) -> dict[str, FlowRun]:
@@ -103,6 +119,8 @@ class FileSensor:
         # The last complaint about each thing (a folder, the server), so a lasting problem is
         # logged once, not every poll; cleared when that thing works again.
         self._said: dict[str, str] = {}
+        self._next_resume_check = 0.0
+        self._case_deployment: UUID | None = None
 
     def _complain_once(self, about: str, message: str) -> bool:
         """Log `message` unless it was the last thing said about `about`; whether it was logged."""
@@ -146,27 +164,57 @@ class FileSensor:
             try:
                 self._handle(case, existing.get(case.key))
             except Exception as error:  # a bad folder or a failed API call must not stop the sensor
+                self._case_deployment = None  # perhaps deleted and made anew: read it again
                 self._complain_once(
                     str(case.folder.path),
                     f"case {case.folder.name} ({case.folder.path}): {type(error).__name__}: {error}",
                 )
 
-    def _handle(self, case: ReadyCase, run: FlowRun | None) -> None:
-        """Start a run for new content; for content that has one, resume it if it crashed.
+    def case_deployment(self) -> UUID:
+        """The case deployment's id, read once (a redeploy keeps it) and again after any failed call."""
+        if self._case_deployment is None:
+            name = self.settings.sensor.case_deployment
+            self._case_deployment = self.client.read_deployment_by_name(name).id
+        return self._case_deployment
 
-        A crashed run (the worker or the service stopped under it) is resumed the first
-        time this sensor sees its case: after a restart, for every case that was cut short.
+    def resume_crashed(self) -> None:
+        """Run crashed case runs again (tasks/prefect_api/resume.py), every RESUME_CHECK_SECONDS.
+
+        A run crashes when its worker machine is lost (its heartbeats stop), its worker is
+        killed or the service stops under it; the first check after a start finds every
+        run that was cut short meanwhile.
         """
-        if run is not None:
+        now = time.monotonic()
+        if now < self._next_resume_check:
+            return
+        self._next_resume_check = now + RESUME_CHECK_SECONDS
+        try:
+            crashed = self.client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    deployment_id=FlowRunFilterDeploymentId(any_=[self.case_deployment()]),
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED])),
+                ),
+            )
+            for run in crashed:
+                if str(run.id) in self._said:  # not resumed before, for a reason that lasts
+                    continue
+                reason = resume_if_crashed(self.client, run, by="the file sensor")
+                if reason is None:
+                    self.logger.info("case run %s had crashed (%s); resumed", run.name, run.state.message)
+                else:
+                    self._complain_once(str(run.id), f"case run {run.name} crashed, not resumed: {reason}")
+        except Exception as error:  # the server is restarting or overloaded: the next check tries again
+            self._complain_once("resume", f"cannot resume crashed runs: {type(error).__name__}: {error}")
+            return
+        self._said.pop("resume", None)
+
+    def _handle(self, case: ReadyCase, run: FlowRun | None) -> None:
+        """Start a run for new content that has none."""
+        if run is not None:  # crashed runs are resumed by `resume_crashed`
             self.watcher.settle(case)
-            if run.state_type == StateType.CRASHED:
-                self.client.set_flow_run_state(
-                    run.id, AwaitingRetry(message="resumed by the file sensor: the run had crashed")
-                )
-                self.logger.info("case %s: run %s had crashed; resumed", case.folder.name, run.name)
             return
         verdict = self.watcher.verdict(case)
-        if verdict == "wait":
+        if verdict == "wait" or self._wait_once(case):
             return
         if verdict == "report":
             self._report_waiting(case)
@@ -180,11 +228,20 @@ class FileSensor:
                 "\n  ".join(inspection.problems),
             )
         room = room_tag(case.folder, inspection)
-        run = start_case_run(
-            self.settings, case.folder.path, trigger="sensor", room=room, key=case.key, config=self.config
+        run, created = start_case_run(
+            self.settings,
+            case.folder.path,
+            trigger="sensor",
+            room=room,
+            key=case.key,
+            config=self.config,
+            deployment_id=self.case_deployment(),
         )
         self.watcher.settle(case)
         self._said.pop(str(case.folder.path), None)
+        if not created:  # another sensor on this server started it a moment ago, and announced it
+            self.logger.debug("case %s: run %s was started by another sensor", case.folder.name, run.name)
+            return
         emit_event(
             event="mqi.case.detected",
             resource=_case_resource(case),
@@ -200,6 +257,23 @@ class FileSensor:
         self.logger.info(
             "case %s ready (%s, %d files): run %s started", case.folder.name, case.by, case.files, run.name
         )
+
+    def _wait_once(self, case: ReadyCase) -> bool:
+        """Whether new content of a case waits for the case's active run to end (said once).
+
+        One run of a case at a time: content changed under a running case (a delivery
+        added, a plan replaced) runs once that run has ended, not beside it.
+        """
+        active = active_case_runs(self.client, self.flow_name, case.folder.path)
+        if not active:
+            return False
+        names = ", ".join(run.name for run in active)
+        self._complain_once(
+            str(case.folder.path),
+            f"case {case.folder.name} changed while its run {names} is active; "
+            "the new content runs once that run has ended",
+        )
+        return True
 
     def _report_waiting(self, case: ReadyCase) -> None:
         waiting = self.watcher.waiting(case)
@@ -223,7 +297,7 @@ class FileSensor:
         )
 
 
-@flow(name="file-sensor", log_prints=False)
+@flow(name="file-sensor", flow_run_name="sensor", log_prints=False)
 def file_sensor(config: str | None = None) -> None:
     """Watch the scan folder until cancelled; start one case run per ready case content."""
     settings = load_settings(config)
@@ -237,4 +311,5 @@ def file_sensor(config: str | None = None) -> None:
         watcher = FileSensor(settings, client, config)
         while True:
             watcher.poll()
+            watcher.resume_crashed()
             time.sleep(sensor.poll_seconds)

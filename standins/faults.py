@@ -10,6 +10,8 @@ its command line (the command line must stay exactly the real tool's):
                                  (engine: a CUDA error, exit 255; interpreter: `Error:`, exit 1),
                                  later ones succeed (needs MQI_STANDIN_LAUNCH_LOG)
   MQI_STANDIN_<TOOL>_DURATION    seconds: take exactly this long (benchmarks)
+  MQI_STANDIN_<TOOL>_HOLD        path: a launch (for the fault keys) stays running while this
+                                 file exists, so that a test decides when it ends
   MQI_STANDIN_LAUNCH_LOG         path of a JSON-lines file; every launch appends a
                                  "start" and an "end" record
 """
@@ -37,6 +39,7 @@ class Faults:
     fail_first: int
     duration: float | None
     launch_log: Path | None
+    hold: Path | None = None
 
     @classmethod
     def from_env(cls, tool: str) -> Faults:
@@ -47,6 +50,7 @@ class Faults:
         keys = frozenset(k.strip() for k in os.environ.get(prefix + "FAULT_KEYS", "").split(",") if k.strip())
         duration = os.environ.get(prefix + "DURATION")
         log = os.environ.get("MQI_STANDIN_LAUNCH_LOG")
+        hold = os.environ.get(prefix + "HOLD")
         return cls(
             tool=tool.lower(),
             fault=fault,
@@ -54,10 +58,16 @@ class Faults:
             fail_first=int(os.environ.get(prefix + "FAIL_FIRST", "0") or 0),
             duration=float(duration) if duration else None,
             launch_log=Path(log) if log else None,
+            hold=Path(hold) if hold else None,
         )
 
     def applies_to(self, key: str) -> bool:
         return not self.keys or key in self.keys
+
+    def wait_while_held(self, key: str) -> None:
+        """Stay here while the hold file exists (for `key`): the test removes it to let go."""
+        while self.hold is not None and self.applies_to(key) and self.hold.exists():
+            time.sleep(0.05)
 
     def previous_launches(self, key: str) -> int:
         """How many launches of this tool for `key` the launch log already holds."""

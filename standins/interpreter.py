@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 1  # what the end record says if a fault or an error ends the run
     try:
         print("--- MQI Data Processing Started ---", flush=True)
+        faults.wait_while_held(key)
         if fault is None:
             try:
                 interpret(args.logdir, args.outputdir)

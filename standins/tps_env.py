@@ -383,6 +383,7 @@ def simulate(run: Run, faults: Faults, key: str, attempt: int, started: float) -
             "CUDA error: {}",
             255,
         )
+    faults.wait_while_held(key)
     if faults.duration is not None:
         # Benchmark mode: the wall-clock time is the product, so sleeping is the point.
         for batch in range(1, batches + 1):
@@ -451,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cwd=os.getcwd(),
             attempt=attempt,
             launched=time.time() - age,  # when the process started, before Python's own start-up
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),  # what a scheduler allocated
         )
         run = prepare(values)
         code = 0

@@ -7,6 +7,7 @@ from prefect.logging import get_run_logger
 
 from config.settings import Settings
 from tasks.casefolder import Case
+from tasks.common.labels import three_figures
 from tasks.dose.outputs import DoseOutput, convert_beam_dose, convert_plan_dose, copy_engine_log
 from tasks.moqui.beam import BeamResult
 
@@ -16,7 +17,9 @@ def convert_beam(settings: Settings, case: Case, result: BeamResult) -> DoseOutp
     """Prefect wrapper: one beam's RTDOSE + provenance."""
     output = convert_beam_dose(settings, case, result)
     copy_engine_log(settings, case, result)
-    get_run_logger().info("%s: %s (max %.3g Gy)", result.beam.label, output.path, output.max_dose_gy)
+    get_run_logger().info(
+        "%s: %s (max %s Gy)", result.beam.label, output.path, three_figures(output.max_dose_gy)
+    )
     return output
 
 
@@ -26,5 +29,5 @@ def convert_plan(
 ) -> DoseOutput:
     """Prefect wrapper: the plan-sum RTDOSE + provenance."""
     output = convert_plan_dose(settings, case, results, beams)
-    get_run_logger().info("plan sum: %s (max %.3g Gy)", output.path, output.max_dose_gy)
+    get_run_logger().info("plan sum: %s (max %s Gy)", output.path, three_figures(output.max_dose_gy))
     return output

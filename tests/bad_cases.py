@@ -205,7 +205,15 @@ _SAFE = "runs: tools get argument lists and absolute paths, no shell ever parses
 
 BAD_CASES: list[BadCase] = [
     # -- the plan -------------------------------------------------------------------------
-    BadCase("no-rtplan", _case(lambda d: plan_file(d).unlink()), "flow", ("no RTPLAN found",), "Failed"),
+    BadCase(
+        "no-rtplan",
+        _case(lambda d: plan_file(d).unlink()),
+        "sensor",
+        ("it has no RTPLAN yet",),
+        event="mqi.case.incomplete",
+        why="a marker written before the plan: wait, report (a run would fail at discovery, then rerun "
+        "after every pause of the copy)",
+    ),
     BadCase(
         "two-rtplans",
         _case(_second_plan),
@@ -274,9 +282,10 @@ BAD_CASES: list[BadCase] = [
     BadCase(
         "planinfo-missing",
         _case(lambda d: (d / DELIVERY / "PlanInfo.txt").unlink()),
-        "flow",
-        (f"delivery folder '{DELIVERY}'", "no PlanInfo.txt", "beam 2 '1G000:TX': no delivery folder"),
-        "Failed",
+        "sensor",
+        (f"delivery folder '{DELIVERY}' has machine logs but no PlanInfo.txt yet",),
+        event="mqi.case.incomplete",
+        why="the machine logs came before their PlanInfo.txt: wait, report",
     ),
     BadCase(
         "planinfo-unparsable",
@@ -313,7 +322,14 @@ BAD_CASES: list[BadCase] = [
         "Failed",
     ),
     # -- files ----------------------------------------------------------------------------
-    BadCase("empty-folder", _empty_folder, "flow", ("the case folder is empty",), "Failed"),
+    BadCase(
+        "empty-folder",
+        _empty_folder,
+        "sensor",
+        ("the case folder is empty",),
+        event="mqi.case.incomplete",
+        why="a marker written before any file: wait, report",
+    ),
     BadCase(
         "zero-byte-log",
         _case(lambda d: _cut(d / DELIVERY / "L001.ptn", 0)),

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from config import Settings
 from standins.sample_case import write_sample_case
 from tasks.backends import Backend, Followed, follow
 from tasks.backends.adopt import TakeGpu
+from tasks.backends.base import Holder
 from tasks.casefolder import discover_case
+from tasks.casefolder.content import CaseContent
 from tasks.gpu.broker import gpu_lease
 from tasks.gpu.pool import GpuPool, SkipReason
 from tasks.interpreter.run import run_interpreter
@@ -28,6 +30,13 @@ def prepare_beams(settings: Settings, case_id: str, beams: int = 1) -> list[Beam
     return [beam_input(settings, case, beam, csv_dir) for beam in case.beams]
 
 
+def unbacked_content(case_id: str) -> CaseContent:
+    """The content of a case that no folder backs (for BeamInputs that are only judged, never launched)."""
+    return CaseContent(
+        case_id=case_id, case_dir=f"/no/such/{case_id}", ready_marker="_CASE_READY", files=(), key=""
+    )
+
+
 def beam_input_of(settings: Settings, records: int = 1, dose_name: str = "1G000:TX_1_Dose.raw") -> BeamInput:
     """A BeamInput of a case "R" beam 2 that no file backs (for judging and reuse rules)."""
     beam_dir = settings.work_dir("R") / "beams" / "beam-02"
@@ -42,6 +51,7 @@ def beam_input_of(settings: Settings, records: int = 1, dose_name: str = "1G000:
         grid=PhantomGrid(dims=(2, 2, 2), spacing=(1.0, 1.0, 1.0), position=(0.0, 0.0, 0.0)),
         dose_name=dose_name,
         input_hash="h2",
+        case_content=unbacked_content("R"),
     )
 
 
@@ -58,13 +68,13 @@ def run_beam(backend: Backend, beam: BeamInput, gpu: int = 0) -> Followed:
 
 
 def server_gpus(settings: Settings) -> TakeGpu:
-    """GPUs leased on the Prefect server, as the simulate task holds them."""
+    """GPUs leased on the Prefect server, as the simulate task holds them (outside any flow run)."""
     pool = GpuPool.of(settings.backend)
 
-    def take_gpu(
-        *, only: Sequence[int] | None = None, skip: SkipReason | None = None
-    ) -> AbstractContextManager[int]:
-        return gpu_lease(pool, only=only, skip=skip)
+    @contextmanager
+    def take_gpu(*, only: Sequence[int] | None = None, skip: SkipReason | None = None) -> Iterator[Holder]:
+        with gpu_lease(pool, only=only, skip=skip) as lease:
+            yield Holder(run="test", attempt=1, gpu=lease.index, lease=str(lease.lease_id))
 
     return take_gpu
 

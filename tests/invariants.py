@@ -26,7 +26,8 @@ from prefect.client.schemas.sorting import FlowRunSort
 
 from config import Settings
 from tasks.dose.outputs import beam_file_stem
-from tasks.gpu.pool import GpuPool
+from tasks.gpu.limits import gpu_status
+from tasks.gpu.pool import QUEUE_PLACE, GpuPool, SlurmQueue
 
 
 def tree_hash(root: Path) -> dict[str, str]:
@@ -87,14 +88,16 @@ def newest_case_run(case_id: str) -> FlowRun:
     return runs[0]
 
 
-def taken_gpu_slots(settings: Settings) -> dict[str, int]:
-    """GPU limit name -> active slots, for every configured GPU whose slot is taken."""
-    with get_client(sync_client=True) as client:
-        limits = {limit.name: limit for limit in client.read_global_concurrency_limits(limit=200)}
-    names = GpuPool.of(settings.backend).limit_names()
-    missing = [name for name in names if name not in limits]
+def taken_gpu_slots(settings: Settings) -> dict[str, str]:
+    """GPU limit name -> who its last lease event names, for every configured GPU whose slot is taken."""
+    rows = gpu_status(GpuPool.of(settings.backend))
+    missing = [row["limit"] for row in rows if row["state"] == "missing limit"]
     assert not missing, f"GPU limits missing on the server: {missing}"
-    return {name: limits[name].active_slots for name in names if limits[name].active_slots}
+    return {
+        str(row["limit"]): f"{row['case'] or '?'} beam {row['beam_number'] or '?'} since {row['since']}"
+        for row in rows
+        if row["state"] == "leased"
+    }
 
 
 def delivered(settings: Settings, case_id: str) -> dict[str, str]:
@@ -139,7 +142,8 @@ def check_invariants(
         assert cause in message, f"{case.case_id}: {cause!r} not in the final message: {message}"
 
     assert engine_launches(launch_log, case.case_id) == launches, f"{case.case_id}: engine launches"
-    assert taken_gpu_slots(settings) == {}, "a GPU slot is still taken"
+    taken = taken_gpu_slots(settings)
+    assert taken == {}, f"a GPU slot is still taken: {taken}"
 
     files = delivered(settings, case.case_id)
     wanted = {f"{beam_file_stem(beam)}.dcm" for beam in done}
@@ -150,3 +154,11 @@ def check_invariants(
 
     assert tree_hash(case.case_dir) == case.inputs, f"{case.case_id}: input files changed"
     return run
+
+
+def taken_queue_places(settings: Settings) -> int:
+    """How many places of the capped Slurm queue (slurm.max_queued_jobs) are still taken."""
+    queue = SlurmQueue.of_settings(settings)
+    assert queue is not None, "slurm.max_queued_jobs is not set"
+    with get_client(sync_client=True) as client:
+        return client.read_global_concurrency_limit_by_name(queue.limit_name(QUEUE_PLACE)).active_slots

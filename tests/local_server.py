@@ -30,10 +30,14 @@ def free_port() -> int:
 
 
 class LocalServer:
-    """A Prefect server on 127.0.0.1 with the project's settings and its own PREFECT_HOME."""
+    """A Prefect server on 127.0.0.1 with the project's settings and its own PREFECT_HOME.
 
-    def __init__(self, home: Path) -> None:
+    `database`: a PostgreSQL URL (tests/postgres.py); default SQLite in PREFECT_HOME.
+    """
+
+    def __init__(self, home: Path, database: str | None = None) -> None:
         self.home = home
+        self.database = database
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -50,6 +54,7 @@ class LocalServer:
             "PREFECT_API_URL": self.api_url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
+            **({"PREFECT_SERVER_DATABASE_CONNECTION_URL": self.database} if self.database else {}),
         }
 
     def start(self, timeout: float = 120) -> None:

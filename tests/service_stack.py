@@ -7,24 +7,34 @@ Test modules run one after the other, so one worker at a time serves the pool.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
+from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterName
+from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterName,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.client.schemas.objects import FlowRun
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
 from config import load_settings
-from deployments.processes import stop_tree
+from deployments.processes import descendants, process_alive, session_members, stop_tree
 from deployments.server import (
     REPO_ROOT,
     deploy,
@@ -33,8 +43,7 @@ from deployments.server import (
     work_queues,
 )
 from standins.sample_case import write_sample_case
-from tasks.gpu.limits import ensure_gpu_limits
-from tasks.gpu.pool import GpuPool
+from tasks.gpu.limits import ensure_slot_limits
 from tests.conftest import write_config
 
 T = TypeVar("T")
@@ -96,6 +105,13 @@ def finished(names: list[str], count: int | None = None) -> list[FlowRun] | None
     return None
 
 
+def run_log(run_id: UUID) -> str:
+    """Every log line of a flow run and its tasks, as the UI shows them."""
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200)
+    return "\n".join(log.message for log in logs)
+
+
 def events(name: str, resource_id: str) -> list:
     with get_client(sync_client=True) as client:
         page = client.read_events(
@@ -146,9 +162,7 @@ class Stack:
         with get_client(sync_client=True) as client:
             ensure_work_pool(client, self.pool)
             limit_case_queue(client, self.settings, CASES_AT_ONCE)
-        ensure_gpu_limits(
-            GpuPool.of(self.settings.backend)
-        )  # as `mqi up` does; every test config uses these GPUs
+        ensure_slot_limits(self.settings)  # as `mqi up` does; every test config uses these GPUs
         deploy(self.api)
         env = {**self.env(), "PREFECT_WORKER_QUERY_SECONDS": "0.5"}
         argv = [sys.executable, "-m", "deployments.warm_worker", "--pool", self.pool]  # as `mqi up` starts it
@@ -187,3 +201,77 @@ def remove_deployments() -> None:
                 client.delete_deployment(client.read_deployment_by_name(name).id)
             except ObjectNotFound:
                 continue
+
+
+class Up:
+    """`mqi up` as an operator runs it, in a session of its own, its output in a file."""
+
+    def __init__(self, root: Path, settings_config: Path, env: dict[str, str]) -> None:
+        self.root, self.config, self.env = root, settings_config, env
+        self.process: subprocess.Popen[bytes] | None = None
+        self.out = root / "up.out"
+        self.started: set[int] = set()  # every process seen below it or in its session
+
+    def start(self, ready: str = "is up") -> None:
+        """Start it and wait until its output says `ready` (by default, that it is up)."""
+        mqi = os.path.join(os.path.dirname(sys.executable), "mqi")
+        mark = self.out.stat().st_size if self.out.exists() else 0
+        with self.out.open("ab") as log:
+            self.process = subprocess.Popen(
+                [mqi, "--config", str(self.config), "up"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        said = lambda: self.process.poll() is not None or ready in self.text(mark)  # noqa: E731
+        wait_for(f"mqi up to say {ready!r}", said)
+        assert self.process.poll() is None, self.text()
+
+    def text(self, since: int = 0) -> str:
+        return self.out.read_bytes()[since:].decode(errors="replace")
+
+    def look(self) -> set[int]:
+        """Remember every process of the service now (its own, the worker's session, ...)."""
+        assert self.process is not None
+        now = {*descendants(self.process.pid), *session_members(self.process.pid)}
+        for pid in list(now):
+            now |= set(session_members(pid))  # the worker's and the server's sessions
+        self.started |= now
+        return now
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        assert self.process is not None
+        self.look()
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=120)
+
+    def process_with(self, marker: bytes) -> int:
+        """The one process of the service whose command line holds `marker` (e.g. b"warm_worker")."""
+        found = []
+        for pid in self.look():
+            try:
+                if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+            except OSError:  # it ended since the look
+                continue
+        [pid] = found
+        return pid
+
+    def left_running(self, keep: set[int]) -> list[int]:
+        return [pid for pid in self.started - keep if process_alive(pid)]
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            stop_tree(self.process.pid)
+            self.process.wait()
+
+
+def engines_alive(launch_log: Path) -> set[int]:
+    """Pids of the engine launches that have started and not ended (the detached jobs)."""
+    starts, ends = set(), set()
+    for line in launch_log.read_text().splitlines() if launch_log.exists() else []:
+        record = json.loads(line)
+        if record["tool"] == "engine":
+            (starts if record["event"] == "start" else ends).add(record["pid"])
+    return {pid for pid in starts - ends if process_alive(pid)}

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from tests.local_server import free_port
@@ -64,7 +65,8 @@ def _sshd_processes(pid: int) -> list[int]:
 class Sshd:
     """sshd -D -e on 127.0.0.1:<free port>; `stop()` also ends its open connections."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, env: Mapping[str, str] | None = None) -> None:
+        """`env`: set in every session (sshd_config SetEnv), e.g. SLURM_CONF for a test cluster."""
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.host_key = keygen(root / "ssh_host_ed25519_key")
@@ -80,6 +82,7 @@ class Sshd:
             "StrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\nPubkeyAuthentication yes\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nMaxStartups 100\n"
             "Subsystem sftp internal-sftp\n"
+            + "".join(f"SetEnv {name}={value}\n" for name, value in (env or {}).items())
         )
         self.log = root / "sshd.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import pydicom
@@ -18,6 +19,8 @@ from tasks.casefolder import (
     discover_case,
     inspect_case,
 )
+from tasks.casefolder.content import check_unchanged
+from tasks.common.errors import PermanentError
 from tests.case_edits import deliveries, delivery_of, drop_last_layer_row, plan_file, set_planinfo, tree_state
 
 ODD_CASE_ID = 'Case "O\'Brien" – Ünïcødé 01'
@@ -317,6 +320,35 @@ def test_earliest_complete_delivery_wins(tmp_path: Path) -> None:
     assert all("beam 3 '2G090:TX'" in problem for problem in found)
 
 
+def test_deliveries_are_ordered_by_their_parsed_irradiation_time(tmp_path: Path) -> None:
+    """A string sort put '2025-04-26 01:44:08' (ISO form) before '2025042501440800' (the machine's)."""
+    case_dir = make_case(tmp_path, fractions=2)
+    first, second = deliveries(case_dir)[2]  # the machine's form, fraction 1 on the 24th, 2 on the 25th
+    set_planinfo(first, "TCSC_IRRAD_DATETIME", "2025-04-26 01:44:08")  # the earlier folder, irradiated last
+    chosen = {b.number: b for b in discover_case(case_dir).beams}
+    assert chosen[2].delivery.folder == second.name
+    assert chosen[2].delivery.irradiation_time == datetime(2025, 4, 25, 1, 44, 8)
+    assert [d.folder for d in chosen[2].passed_over] == [first.name]
+    assert chosen[2].passed_over[0].irradiation_time == datetime(2025, 4, 26, 1, 44, 8)
+    assert [d.folder for d in chosen[3].passed_over] == [deliveries(case_dir)[3][1].name]
+    latest = {b.number: b for b in discover_case(case_dir, delivery_policy="latest_complete").beams}
+    assert latest[2].delivery.folder == first.name
+    assert [d.folder for d in latest[2].passed_over] == [second.name]
+
+
+@pytest.mark.parametrize("value", ["25.04.2025 01:44", "2025042401446000", "2025-04-24T01:44:08+02:00", ""])
+def test_unparsable_irradiation_time_names_the_file_and_line(tmp_path: Path, value: str) -> None:
+    case_dir = make_case(tmp_path)
+    folder = delivery_of(case_dir, 3)
+    set_planinfo(folder, "TCSC_IRRAD_DATETIME", value)
+    line = folder.joinpath("PlanInfo.txt").read_text().splitlines().index(f"TCSC_IRRAD_DATETIME,{value}") + 1
+    assert one_problem(case_dir) == (
+        f"DEMO001: delivery folder {folder.name!r} PlanInfo.txt line {line}: TCSC_IRRAD_DATETIME "
+        f"{value!r} is not a date and time (expected YYYYMMDDhhmmssff, as the machine writes it, "
+        "or ISO YYYY-MM-DD hh:mm:ss)"
+    )
+
+
 def test_odd_case_id(tmp_path: Path) -> None:
     case_dir = make_case(tmp_path, ODD_CASE_ID)
     case = discover_case(case_dir)
@@ -408,3 +440,44 @@ def test_plan_problems_do_not_hide_delivery_problems(tmp_path: Path) -> None:
     assert any("beam 3 '2G090:TX'" in problem and "GantryAngle" in problem for problem in found)
     assert any("DICOM_PATIENT_ID 'X' (beam 4)" in problem for problem in found)
     assert inspect_case(case_dir).plan_path == str(plan_file(case_dir))
+
+
+def test_check_unchanged_names_what_changed_since_discovery(tmp_path: Path) -> None:
+    case_dir = make_case(tmp_path)
+    content = discover_case(case_dir).content
+    assert content.key and "_CASE_READY" not in {entry.path for entry in content.files}
+    (case_dir / "_CASE_READY").touch()  # the marker written again, a transfer in progress: no change
+    (case_dir / "RP.next.dcm.part").write_bytes(b"partial")
+    check_unchanged(content)
+    ptn = delivery_of(case_dir, 3) / "L002.ptn"
+    ptn.write_bytes(ptn.read_bytes() + bytes(16))
+    (delivery_of(case_dir, 2) / "L001.mgn").unlink()
+    (case_dir / "RP.next.dcm.part").rename(case_dir / "RP.next.dcm")
+    with pytest.raises(PermanentError) as raised:
+        check_unchanged(content)
+    removed = f"{delivery_of(case_dir, 2).name}/L001.mgn"
+    changes = f"added RP.next.dcm; removed {removed}; changed {ptn.parent.name}/L002.ptn"
+    assert str(raised.value).startswith(
+        f"case DEMO001: the case folder {case_dir} changed since discovery ({changes})"
+    )
+    assert raised.value.cause == f"the case folder changed since discovery ({changes})"
+    case_dir.rename(case_dir.with_name("DEMO001-renamed"))
+    with pytest.raises(PermanentError, match="is gone .renamed, moved or removed. since discovery"):
+        check_unchanged(content)
+
+
+def test_files_changing_while_the_folder_is_read_are_a_problem(tmp_path: Path, monkeypatch) -> None:
+    from tasks.casefolder import inspect as inspection
+
+    case_dir = make_case(tmp_path)
+    reading = inspection._inspect_folder
+
+    def read_while_copying(*args: object):
+        found = reading(*args)
+        (case_dir / "late.dcm").write_bytes(b"copied while the folder was read")
+        return found
+
+    monkeypatch.setattr(inspection, "_inspect_folder", read_while_copying)
+    found = inspect_case(case_dir)
+    assert found.problems == ["DEMO001: .: files changed while the case folder was read (added late.dcm)"]
+    assert found.arriving == ["its files changed while it was read (added late.dcm)"] and found.case is None

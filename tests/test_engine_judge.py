@@ -98,7 +98,7 @@ def test_timeout_wins(settings):
 
 
 def test_progress_lines():
-    assert progress_of("Generating particles for (3 of 12 batches) in CPU ..") == 0.25
+    assert progress_of("Generating particles for (3 of 12 batches) in CPU ..") == (3, 12)
     assert progress_of("Time taken by MC engine: 1 milli-seconds") is None
 
 

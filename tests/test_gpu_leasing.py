@@ -11,14 +11,27 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
+from prefect import flow
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactCollectionFilter,
+    ArtifactCollectionFilterKey,
+    FlowFilter,
+    FlowFilterName,
+)
 from prefect.events import emit_event
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+from prefect.states import Crashed, Running
 
 from config import load_settings
 from standins.sample_case import write_sample_case
+from tasks.backends import JobState
+from tasks.backends.adopt import run_job
+from tasks.backends.base import Holder
+from tasks.backends.local import LocalBackend
 from tasks.gpu import broker as broker_module
 from tasks.gpu import events as gpu_event_names
 from tasks.gpu import lease as lease_module
@@ -26,8 +39,10 @@ from tasks.gpu import wakeup as gpu_wakeup
 from tasks.gpu.broker import gpu_lease
 from tasks.gpu.limits import GpuLimitMissing, ensure_gpu_limits, gpu_status
 from tasks.gpu.pool import GpuPool
+from tasks.gpu.takeover import holder_gone, take_over
 from tasks.moqui.tps_file import read_tps
-from tests.conftest import write_config
+from tests.beams import prepare_beams, run_beam, server_gpus
+from tests.conftest import DATABASES, write_config
 from tests.local_server import LocalServer, pointed_at
 from tests.service_stack import wait_for
 
@@ -42,11 +57,11 @@ from tasks.gpu.pool import GpuPool
 from tests.service_stack import wait_for
 settings = load_settings(sys.argv[1], env={})
 to_a_waiter = sys.argv[3:] == ["--to-a-waiter"]
-with gpu_lease(GpuPool.of(settings.backend), who={"case_id": "HOLDER", "beam": sys.argv[2]}) as gpu:
+with gpu_lease(GpuPool.of(settings.backend), who={"case_id": "HOLDER", "beam": sys.argv[2]}) as lease:
     signal = release_signal(settings.backend.host)
     if to_a_waiter:  # hears who waits from now on
         wait_for("the GPU events to be followed", lambda: signal.following)
-    print(f"holding {gpu}", flush=True)
+    print(f"holding {lease.index}", flush=True)
     sys.stdin.readline()  # hold the GPU until told to let go (or killed)
     if to_a_waiter:  # let go once a waiting process of this machine is heard of
         wait_for("a waiting process", lambda: signal.nearby_ahead_of(None))
@@ -65,6 +80,14 @@ def server(tmp_path_factory) -> Iterator[LocalServer]:
 @pytest.fixture
 def use_server(server) -> Iterator[LocalServer]:
     """Point this process's Prefect client at the local server."""
+    with pointed_at(server) as local:
+        yield local
+
+
+@pytest.fixture(params=DATABASES)
+def either_server(request) -> Iterator[LocalServer]:
+    """`use_server`, or the session's server on PostgreSQL."""
+    server = request.getfixturevalue("server" if request.param == "sqlite" else "postgres_server")
     with pointed_at(server) as local:
         yield local
 
@@ -98,11 +121,15 @@ def let_go(holder: subprocess.Popen[str]) -> None:
     assert holder.stdout.readline().strip() == "released"
 
 
-def test_three_cases_of_four_beams_share_two_gpus_without_overlap(use_server, tmp_path):
+def test_three_cases_of_four_beams_share_two_gpus_without_overlap(either_server, tmp_path):
     config = write_config(tmp_path, {"backend": {"host": "share", "gpus": [0, 1]}})
     settings = load_settings(config, env={})
     launch_log = tmp_path / "launches.jsonl"
-    env = {**use_server.env(), "MQI_STANDIN_LAUNCH_LOG": str(launch_log), "MQI_STANDIN_ENGINE_DURATION": "1"}
+    env = {
+        **either_server.env(),
+        "MQI_STANDIN_LAUNCH_LOG": str(launch_log),
+        "MQI_STANDIN_ENGINE_DURATION": "1",
+    }
     cases = [write_sample_case(settings.scan_dir, f"SHARE{k}", beams=4) for k in range(3)]
     runs = [
         subprocess.Popen(
@@ -165,7 +192,10 @@ def test_gpu_in_use_by_others_is_passed_over(use_server, tmp_path):
 
     got: list[int] = []
     with gpu_lease(GpuPool.of(settings.backend), only=[1]):  # GPU 0 looks free to Prefect, GPU 1 we hold here
-        wait_for_gpu = lambda: got.append(gpu_lease(GpuPool.of(settings.backend), skip=skip).__enter__())  # noqa: E731
+
+        def wait_for_gpu() -> None:
+            got.append(gpu_lease(GpuPool.of(settings.backend), skip=skip).__enter__().index)
+
         waiter = threading.Thread(target=contextvars.copy_context().run, args=(wait_for_gpu,))
         waiter.start()
         for _ in range(3):  # the waiter has looked at GPU 0 three times and passed it over
@@ -197,15 +227,15 @@ def test_killed_holder_gpu_returns_after_its_lease_expires(use_server, tmp_path)
     assert not leased(settings, 0)
 
 
-def test_server_restart_while_a_gpu_is_held_leaks_no_slot(use_server, tmp_path):
+def test_server_restart_while_a_gpu_is_held_leaks_no_slot(either_server, tmp_path):
     config = write_config(tmp_path, {"backend": {"host": "restart", "gpus": [0]}})
     settings = load_settings(config, env={})
     ensure_gpu_limits(GpuPool.of(settings.backend))
-    holder = start_holder(use_server, config, "1")
+    holder = start_holder(either_server, config, "1")
     try:
         assert holder.stdout.readline().strip() == "holding 0"
-        use_server.stop()
-        use_server.start()
+        either_server.stop()
+        either_server.start()
         assert leased(settings, 0)
         let_go(holder)
         assert holder.wait(timeout=60) == 0
@@ -232,8 +262,8 @@ def test_release_in_another_process_wakes_the_waiter_through_the_event_stream(
     got: list[int] = []
 
     def take() -> None:
-        with gpu_lease(GpuPool.of(settings.backend)) as gpu:
-            got.append(gpu)
+        with gpu_lease(GpuPool.of(settings.backend)) as lease:
+            got.append(lease.index)
 
     try:
         assert holder.stdout.readline().strip() == "holding 0"
@@ -258,8 +288,8 @@ def test_beam_ending_while_another_of_its_process_waits_hands_its_gpu_over(use_s
     got: list[tuple[int, bool]] = []
 
     def second() -> None:
-        with gpu_lease(GpuPool.of(settings.backend), who={"case_id": "C", "beam": "2"}) as gpu:
-            got.append((gpu, leased(settings, gpu)))
+        with gpu_lease(GpuPool.of(settings.backend), who={"case_id": "C", "beam": "2"}) as lease:
+            got.append((lease.index, leased(settings, lease.index)))
 
     with gpu_lease(GpuPool.of(settings.backend), who={"case_id": "C", "beam": "1"}):
         waiter = threading.Thread(target=contextvars.copy_context().run, args=(second,))
@@ -307,8 +337,8 @@ def test_a_process_on_this_machine_that_waits_gets_the_lease_straight_from_the_h
     got: list[tuple[int, bool]] = []
 
     def take() -> None:
-        with gpu_lease(GpuPool.of(settings.backend), who={"case_id": "C", "beam": "2"}) as gpu:
-            got.append((gpu, leased(settings, gpu)))
+        with gpu_lease(GpuPool.of(settings.backend), who={"case_id": "C", "beam": "2"}) as lease:
+            got.append((lease.index, leased(settings, lease.index)))
 
     try:
         assert holder.stdout.readline().strip() == "holding 0"
@@ -352,26 +382,50 @@ def test_sync_creates_updates_and_disables(use_server, tmp_path):
     assert os.environ["PREFECT_API_URL"] == use_server.api_url
 
 
-def test_gpu_monitor_publishes_the_gpu_table(use_server, tmp_path):
-    from flows.gpu_monitor import gpu_monitor
-
+def test_gpu_monitor_is_one_run_that_republishes_the_table_at_every_lease_and_release(use_server, tmp_path):
+    """The table follows the lease events: each change shows well before the monitor's 60 s refresh."""
     config = write_config(tmp_path, {"backend": {"host": "monitor", "gpus": [0, 1]}})
     ensure_gpu_limits(GpuPool.of(load_settings(config, env={}).backend))
-    holder = start_holder(use_server, config, "2 (1G000:TX)")  # another process, as in production
+    code = f"from flows.gpu_monitor import gpu_monitor; gpu_monitor({str(config)!r})"
+    with (tmp_path / "monitor.log").open("wb") as log:
+        monitor = subprocess.Popen(
+            [sys.executable, "-c", code], env=use_server.env(), stdout=log, stderr=subprocess.STDOUT
+        )
+    holder = None
     try:
+        wait_for("the first table", lambda: (rows := gpu_table("monitor")) and rows[0]["state"] == "free")
+        holder = start_holder(use_server, config, "2 (1G000:TX)")  # another process, as in production
         held = int(holder.stdout.readline().strip().removeprefix("holding "))
         rows = wait_for(
-            "the holder in the GPU table",
-            lambda: (table := gpu_monitor(str(config)))[held]["case"] == "HOLDER" and table,
+            "the lease in the table",
+            lambda: (rows := gpu_table("monitor")) and rows[held]["case"] == "HOLDER" and rows,
+            timeout=30,
         )
+        assert {row["gpu"]: row["state"] for row in rows} == {held: "leased", 1 - held: "free"}
+        assert rows[held]["beam"] == "2 (1G000:TX)" and rows[held]["since"]
+        let_go(holder)
+        released = lambda: gpu_table("monitor")[held]["state"] == "free"  # noqa: E731
+        wait_for("the release in the table", released, timeout=30)
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["gpu-monitor"])))
+        assert [run.name for run in runs] == ["gpu-monitor"]  # one run, under a fixed name
     finally:
-        holder.kill()
-    states = {row["gpu"]: row["state"] for row in rows}
-    assert states == {held: "leased", 1 - held: "free"}
-    assert rows[held]["beam"] == "2 (1G000:TX)" and rows[held]["since"]
+        for process in (holder, monitor):
+            if process is not None:
+                process.kill()
+                process.wait()
+
+
+def gpu_table(host: str) -> list[dict] | None:
+    """The newest version of the GPU table artifact of `host`."""
     with get_client(sync_client=True) as client:
-        artifacts = client.read_latest_artifacts(limit=200)
-    assert any(a.key == "gpus-monitor" and a.type == "table" for a in artifacts)
+        found = client.read_latest_artifacts(
+            artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=[f"gpus-{host}"]))
+        )
+    if not found:
+        return None
+    data = found[0].data
+    return json.loads(data) if isinstance(data, str) else data
 
 
 def waiting_beams(settings) -> int:
@@ -459,8 +513,8 @@ def test_one_read_serves_every_waiting_beam_and_takes_no_more(use_server, tmp_pa
     both_hold = threading.Barrier(3)
 
     def beam() -> None:
-        with gpu_lease(GpuPool.of(settings.backend)) as index:
-            got.append(index)
+        with gpu_lease(GpuPool.of(settings.backend)) as lease:
+            got.append(lease.index)
             both_hold.wait(timeout=60)
 
     waiters = [in_thread(beam), in_thread(beam)]
@@ -546,3 +600,99 @@ def test_processes_of_this_machine_that_waited_longer_are_offered_a_gpu_first(us
     wait_for("the early process to stop waiting", lambda: signal.nearby_ahead_of(None) == ["late"])
     signal.forget("late")  # its socket refused: gone
     assert signal.nearby_ahead_of(None) == []
+
+
+@flow(name="gpu-holder")
+def holder_flow() -> None:
+    """Stands for the case run named in a job's holder record (never run)."""
+
+
+def holding_gpu_0(server: LocalServer, config: Path, pool: GpuPool) -> tuple[subprocess.Popen[str], str]:
+    """A holder process that has taken GPU 0, and its lease id (from its lease event)."""
+    holder = start_holder(server, config, "1")
+    try:
+        assert holder.stdout.readline().strip() == "holding 0"
+        [leased_event] = wait_for(
+            "the lease event",
+            lambda: [e for e in events_of(pool, 0) if e.event == gpu_event_names.LEASED],
+            timeout=60,
+        )
+    except BaseException:
+        holder.kill()
+        raise
+    return holder, leased_event.payload["lease_id"]
+
+
+def test_a_gone_holders_gpu_is_taken_at_once_and_a_live_one_is_never_robbed(use_server, tmp_path):
+    """The holder record of an adopted job names a flow run and its lease: while that run is not
+    final nothing is released; once it is Crashed its lease is released at once, not after
+    gpu_lease_seconds (600 s here)."""
+    config = write_config(tmp_path, {"backend": {"host": "takeover", "gpus": [0], "gpu_lease_seconds": 600}})
+    settings = load_settings(config, env={})
+    pool = GpuPool.of(settings.backend)
+    ensure_gpu_limits(pool)
+    holder, lease_id = holding_gpu_0(use_server, config, pool)
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.create_flow_run(holder_flow, name="HOLDER", state=Running())
+            assert take_over(pool, 0, lease_id, str(run.id), 1, None, 1) is None  # alive: not robbed
+            # the holder's own run, same attempt (a task retry in the same process): not robbed either
+            assert take_over(pool, 0, lease_id, str(run.id), 2, str(run.id), 2) is None
+            assert leased(settings, 0) and holder.poll() is None
+
+            holder.kill()  # SIGKILL: nobody releases or renews the lease now
+            holder.wait()
+            client.set_flow_run_state(run.id, Crashed(message="killed"), force=True)
+            assert take_over(pool, 0, lease_id, str(run.id), 1, None, 1) == "its run HOLDER ended Crashed"
+        assert not leased(settings, 0)  # free now, not when the lease expires
+        with gpu_lease(pool, only=[0]) as lease:
+            assert lease.index == 0
+    finally:
+        holder.kill()
+
+
+def test_an_earlier_attempt_of_the_same_run_is_a_gone_holder(use_server):
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(holder_flow, name="RETRIED", state=Running())
+        assert holder_gone(client, str(run.id), 1, str(run.id), 2) == "an earlier attempt (1) of this run"
+        assert holder_gone(client, str(run.id), 2, str(run.id), 2) is None
+        assert holder_gone(client, str(uuid4()), 1, str(run.id), 1).endswith("no longer exists")
+
+
+def events_of(pool: GpuPool, index: int) -> list:
+    with get_client(sync_client=True) as client:
+        page = client.read_events(
+            EventFilter(resource=EventResourceFilter(id=[pool.resource(index)])), limit=50
+        )
+    return page.events
+
+
+def test_a_finished_job_whose_holder_was_killed_frees_its_gpu_when_collected(use_server, tmp_path):
+    """A run killed after its engine ended, before it gave its lease back: the run that collects
+    the finished job releases that lease at once, not when it expires (600 s here)."""
+    config = write_config(tmp_path, {"backend": {"host": "collect", "gpus": [0], "gpu_lease_seconds": 600}})
+    settings = load_settings(config, env={})
+    pool = GpuPool.of(settings.backend)
+    ensure_gpu_limits(pool)
+    backend = LocalBackend(settings)
+    [beam] = prepare_beams(settings, "COLLECT")
+    job = run_beam(backend, beam).job
+    assert job.state is JobState.FINISHED_OK
+    holder, lease_id = holding_gpu_0(use_server, config, pool)
+    holder.kill()  # SIGKILL: the lease stays taken, nobody renews or releases it
+    holder.wait()
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(holder_flow, name="KILLED", state=Crashed(message="killed"))
+    dead = Holder(run=str(run.id), attempt=1, gpu=0, lease=lease_id, beam=beam.label)
+    backend.hold(job, dead)
+    assert leased(settings, 0)
+    said: list[str] = []
+
+    def let_go(previous: Holder) -> None:
+        assert take_over(pool, previous.gpu, previous.lease, previous.run, previous.attempt, None, 1)
+
+    followed = run_job(
+        settings, backend, beam, server_gpus(settings), tmp_path / "engine.log", None, said.append, let_go
+    )
+    assert followed.job.state is JobState.FINISHED_OK and "collecting the job that finished" in said[0]
+    assert not leased(settings, 0)  # free now, not in 600 s

@@ -23,6 +23,7 @@ DOMAIN_PACKAGES = (
     "backends",
     "common",
     "outcome",
+    "qa",
 )
 DOMAIN_MODULES_ELSEWHERE = ("tasks.gpu.pool", "tasks.gpu.handoff", "tasks.gpu.nvidia_smi")
 

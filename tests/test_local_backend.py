@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from config import load_settings
+from deployments.processes import process_alive
 from tasks.backends import Job, JobState, follow
 from tasks.backends.adopt import attempt_log
-from tasks.backends.base import probe_script
+from tasks.backends.base import Holder, probe_script
 from tasks.backends.local import LocalBackend
 from tasks.common.errors import PermanentError
 from tasks.moqui.judge import dose_size_problem, judge
@@ -231,3 +232,33 @@ def test_a_waiting_probe_always_pauses(poll):
     """follow() no longer sleeps between probes, so even a tiny poll_seconds must wait a step."""
     assert "sleep 0.05" in probe_script("/jobs/x", 0, wait=poll)
     assert "sleep" not in probe_script("/jobs/x", 0)
+
+
+def test_stopped_job_is_killed_marked_cancelled_and_launched_again(backend, settings, tmp_path, monkeypatch):
+    """Cancel means stop: the engine's processes die, the job reads cancelled, a later launch is fresh."""
+    launch_log = tmp_path / "launches.jsonl"
+    monkeypatch.setenv("MQI_STANDIN_LAUNCH_LOG", str(launch_log))
+    monkeypatch.setenv("MQI_STANDIN_ENGINE_FAULT", "hang")
+    [beam] = prepare_beams(settings, "LOCAL-STOP")
+    job = launch(backend, beam, gpu=0)
+    wait_for("the engine to start", lambda: launches(launch_log) == {"2": 1})
+    records = [json.loads(line) for line in launch_log.read_text().splitlines()]
+    [engine_pid] = [r["pid"] for r in records if r["tool"] == "engine" and r["event"] == "start"]
+    backend.hold(job, Holder(run="run-1", attempt=1, gpu=0, lease="lease-1"))
+    assert backend.holder(job) == Holder(run="run-1", attempt=1, gpu=0, lease="lease-1")
+    assert [found.dir for found in backend.jobs_of_case("LOCAL-STOP")] == [job.dir]
+
+    assert backend.stop(job, "case run cancelled") is True
+    assert not process_alive(engine_pid) and not process_alive(job.pid)
+    stopped = backend.lookup(beam)
+    assert stopped.state is JobState.FINISHED_FAILED
+    assert stopped.problem == "it was stopped: case run cancelled"
+    assert backend.stop(stopped, "again") is False  # nothing left to stop
+
+    monkeypatch.delenv("MQI_STANDIN_ENGINE_FAULT")
+    again = launch(backend, beam, gpu=0)  # the relaunch clears the old record, holder and marker
+    assert backend.holder(again) is None
+    followed = follow(backend, again, backend.engine_argv(beam, 0), tmp_path / "again.log")
+    assert followed.job.state is JobState.FINISHED_OK
+    assert backend.stop(followed.job, "too late") is False  # a finished result is kept
+    assert backend.lookup(beam).state is JobState.FINISHED_OK

@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from prefect.settings import PREFECT_API_URL
 
 from config import load_settings
 from deployments.cli import main
 from tasks.backends.local import LocalBackend
+from tasks.gpu.broker import gpu_lease
+from tasks.gpu.limits import ensure_gpu_limits, gpu_status
 from tasks.gpu.nvidia_smi import (
     BusyGpus,
     GpuQueryError,
@@ -19,7 +22,9 @@ from tasks.gpu.nvidia_smi import (
     parse_processes,
     query_gpus,
 )
+from tasks.gpu.pool import GpuPool
 from tests.conftest import write_config
+from tests.service_stack import wait_for
 from tests.sshd import FIXTURES
 
 GPUS = (
@@ -129,5 +134,31 @@ def test_mqi_gpus_command(tmp_path, monkeypatch, capsys):
     assert [g["index"] for g in data["gpus"]] == [0, 1, 2] and data["gpus"][0]["processes"][0]["pid"] == 4242
 
     monkeypatch.setenv("MQI__BACKEND__NVIDIA_SMI", "[/opt/none/nvidia-smi]")
-    assert main(["--config", str(config), "gpus"]) == 1
+    nowhere = "http://127.0.0.1:9/api"  # no server there either (another may answer on 4200)
+    assert main(["--config", str(config), "gpus", "--api", nowhere]) == 1
     assert "nvidia-smi not found" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_mqi_gpus_without_nvidia_smi_shows_the_lease_table_of_the_server_it_is_given(
+    prefect_server, tmp_path, monkeypatch, capsys
+):
+    config = write_config(
+        tmp_path, {"backend": {"host": "nosmi", "gpus": [0, 1], "nvidia_smi": ["/opt/none/nvidia-smi"]}}
+    )
+    pool = GpuPool.of(load_settings(config, env={}).backend)
+    ensure_gpu_limits(pool)
+    api = str(PREFECT_API_URL.value())
+    with gpu_lease(pool, who={"case_id": "P2", "beam": "beam 4 (3G180:TX)", "beam_number": "4"}) as lease:
+        # who holds a GPU comes from its lease event, which the server stores a moment after it is sent
+        wait_for("the lease event to be stored", lambda: any(row["case"] == "P2" for row in gpu_status(pool)))
+        assert main(["--config", str(config), "gpus", "--api", api]) == 0
+        out = capsys.readouterr()
+        assert "GPU leases on nosmi" in out.out and "1/2 leased: P2 beam 4" in out.out
+        assert f"gpu-nosmi-{lease.index}" in out.out and "nvidia-smi not found" in out.err
+        assert main(["--config", str(config), "gpus", "--api", api, "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        states = {row["gpu"]: row["state"] for row in data["leases"]}
+        assert states == {lease.index: "leased", 1 - lease.index: "free"}
+    assert main(["--config", str(config), "gpus", "--api", "http://127.0.0.1:9/api"]) == 1  # neither half
+    assert "no Prefect server answers at http://127.0.0.1:9/api" in capsys.readouterr().err

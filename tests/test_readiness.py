@@ -159,3 +159,54 @@ def test_a_slow_poll_does_not_make_growing_files_look_settled(tmp_path):
     [ready] = watcher.ready_cases()  # the last change is seen here ...
     clock.now += 1
     assert watcher.verdict(watcher.ready_cases()[0]) == "run"  # ... and nothing since
+
+
+def _copy_order(source: Path, plan_first: bool) -> list[Path]:
+    """The files of `source` as a transfer that writes the marker first might copy them."""
+    files = sorted(path for path in source.rglob("*") if path.is_file() and path.name != "_CASE_READY")
+    plans = [path for path in files if path.parent == source]
+    deliveries = [path for path in files if path.parent != source]
+    return plans + deliveries if plan_first else deliveries + plans
+
+
+@pytest.mark.parametrize("plan_first", [True, False], ids=["plan-first", "plan-last"])
+def test_a_marker_written_before_the_files_waits_until_they_are_all_there(tmp_path, plan_first):
+    """Issue 16: pauses longer than settle_seconds once gave 24 runs of one case, 19 failing at discovery."""
+    watcher, clock, scan = watcher_for(tmp_path, settle_seconds=1, incomplete_report_seconds=1000)
+    source = small_case(tmp_path / "source", "EARLY", beams=2)
+    case = scan / "EARLY"
+    case.mkdir(parents=True)
+    (case / "_CASE_READY").touch()
+    reasons: list[str] = []
+    order = _copy_order(source, plan_first)
+    for path in order:
+        target = case / path.relative_to(source)
+        target.parent.mkdir(exist_ok=True)
+        shutil.copy2(path, target)
+        clock.now += 2  # a pause longer than settle_seconds
+        [ready] = watcher.ready_cases()  # seen changed ...
+        clock.now += 1
+        [ready] = watcher.ready_cases()  # ... and settled
+        verdict = watcher.verdict(ready)
+        if path != order[-1]:
+            assert verdict == "wait", (target.relative_to(case), watcher.inspection(ready).problems)
+            reasons.append(watcher.waiting(ready).text)
+    assert verdict == "run"
+    watcher.settle(ready)
+    assert watcher.ready_cases() == []
+    assert any("has machine logs but no PlanInfo.txt yet" in reason for reason in reasons)
+    assert any("has no PlanRange.txt yet" in reason for reason in reasons)
+    assert any(("no RTPLAN yet" if not plan_first else "have no delivery folder") in r for r in reasons)
+
+
+def test_an_empty_ready_folder_waits_and_is_reported_once(tmp_path):
+    watcher, clock, scan = watcher_for(tmp_path, settle_seconds=1, incomplete_report_seconds=10)
+    (scan / "EMPTY").mkdir(parents=True)
+    (scan / "EMPTY" / "_CASE_READY").touch()
+    verdicts = []
+    for _ in range(40):
+        [ready] = watcher.ready_cases()
+        verdicts.append(watcher.verdict(ready))
+        clock.now += 1
+    assert "run" not in verdicts and verdicts.count("report") == 1
+    assert watcher.waiting(ready).text == "the case folder is empty"

@@ -98,7 +98,7 @@ def check_beams(provenance: list[dict], out: Path) -> list[np.ndarray]:
 def test_a_case_with_a_setup_beam_first_in_the_3d_phantom(tmp_path, scan_mode):
     config = real_config(tmp_path)
     state, provenance, out = run_case(config, f"REAL-{scan_mode}", scan_mode=scan_mode)
-    assert state.message == f"case REAL-{scan_mode}: 2/2 beams done"
+    assert state.message == f"REAL-{scan_mode}: 2/2 beams done"
     doses = check_beams(provenance, out)
     # Beams 2 and 3 have different energies (160-145 and 150-135 MeV): each was simulated from its
     # own logs, so their dose maxima lie at different depths (2 mm slices).

@@ -11,6 +11,7 @@ from prefect.results import ResultStore
 from tasks.moqui.beam import BeamInput, BeamResult
 from tasks.moqui.grid import PhantomGrid
 from tasks.prefect_api.reuse import beams_to_simulate_again, results_dir, simulation_key, stale_reason
+from tests.beams import unbacked_content
 
 
 def beam(settings, number: int, input_hash: str = "h") -> BeamInput:
@@ -26,6 +27,7 @@ def beam(settings, number: int, input_hash: str = "h") -> BeamInput:
         grid=PhantomGrid(dims=(2, 2, 2), spacing=(1.0, 1.0, 1.0), position=(0.0, 0.0, 0.0)),
         dose_name=f"{number}G000:TX_{number}_Dose.raw",
         input_hash=f"{input_hash}{number}",
+        case_content=unbacked_content("R"),
     )
 
 

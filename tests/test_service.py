@@ -56,7 +56,7 @@ def test_prefect_deploy_all_deploys_the_repository_prefect_yaml(clean_deployment
     assert set(case.parameter_openapi_schema["properties"]) == {"case_dir", "config", "rerun_beams", "force"}
     assert sensor.entrypoint == "flows/sensor.py:file_sensor" and "file sensor" in sensor.description
     assert gpus.entrypoint == "flows/gpu_monitor.py:gpu_monitor"
-    assert [schedule.schedule.interval.total_seconds() for schedule in gpus.schedules] == [60]
+    assert gpus.schedules == [] and "until cancelled" in gpus.description  # one run, not one a minute
     assert all(deployment.pull_steps == here for deployment in (case, sensor, gpus))
 
 
@@ -95,9 +95,14 @@ def test_mqi_up_runs_a_dropped_case_and_ctrl_c_stops_what_it_started(tmp_path, c
     assert [pid for pid in started if process_alive(pid)] == []
     assert healthy(api)  # the server was reused, so it is left running
     with get_client(sync_client=True) as client:
-        [sensor] = client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=["file-sensor"])),
-            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-            limit=1,
+        sensor, monitor = (
+            client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])),
+                sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                limit=1,
+            )[0]
+            for flow in ("file-sensor", "gpu-monitor")
         )
     assert sensor.state_type == StateType.CANCELLED, sensor.state.message
+    assert monitor.state_type == StateType.CANCELLED, monitor.state.message
+    assert (sensor.name, monitor.name) == ("sensor", "gpu-monitor")  # fixed names, one run each

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -13,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from config import load_settings
+from deployments.processes import process_alive
 from tasks.backends import JobState, follow
-from tasks.backends.base import FetchError
+from tasks.backends.base import FetchError, Holder
 from tasks.backends.ssh import SshBackend
 from tasks.backends.sshconn import AuthError, HostKeyError, ssh_host
 from tasks.common.errors import PermanentError
@@ -293,3 +295,24 @@ def test_one_connection_serves_every_beam_and_thread(settings):
         thread.join(timeout=120)
     assert results == [JobState.FINISHED_OK] * 3
     assert backend.host.connects == 1
+
+
+def test_stopping_a_job_on_the_host_kills_its_engine_and_marks_it_cancelled(settings, tmp_path, monkeypatch):
+    launch_log = tmp_path / "launches.jsonl"
+    monkeypatch.setenv("MQI_STANDIN_LAUNCH_LOG", str(launch_log))
+    monkeypatch.setenv("MQI_STANDIN_ENGINE_FAULT", "hang")
+    [beam] = prepare_beams(settings, "SSH-STOP")
+    backend = SshBackend(settings)
+    job = launch(backend, beam)
+    wait_for("the engine to start", lambda: launches(launch_log))
+    records = [json.loads(line) for line in launch_log.read_text().splitlines()]
+    [engine] = [record["pid"] for record in records if record["tool"] == "engine"]
+    backend.hold(job, Holder(run="r", attempt=1, gpu=0, lease="l", beam=beam.label))
+    [found] = backend.jobs_of_case("SSH-STOP")
+    assert found.dir == job.dir and found.state is JobState.RUNNING
+    assert backend.holder(found).beam == beam.label
+    assert backend.stop(found, "case run SSH-STOP was cancelled") is True
+    assert not process_alive(engine)
+    stopped = backend.lookup(beam)
+    assert stopped.state is JobState.FINISHED_FAILED
+    assert stopped.problem == "it was stopped: case run SSH-STOP was cancelled"

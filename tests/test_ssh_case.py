@@ -43,7 +43,7 @@ def test_whole_case_over_ssh(tmp_path, sshd, hpc, monkeypatch):
 
     state = process_case(str(case_dir), str(config), return_state=True)
     assert state.is_completed(), state.message
-    assert state.message == "case SSH CASE: 3/3 beams done"
+    assert state.message == "SSH CASE: 3/3 beams done"
     assert launches(launch_log) == {"2": 1, "3": 1, "4": 1}
     out = settings.output_dir("SSH CASE")
     for number in (2, 3, 4):

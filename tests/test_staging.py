@@ -112,3 +112,19 @@ def test_the_interpreter_gets_one_delivery_per_beam_in_plan_order(tmp_path):
     plan = pydicom.dcmread(next(staged.glob("*.dcm")))
     assert [int(b.BeamNumber) for b in plan.IonBeamSequence] == [b.number for b in case.beams]  # no SETUP
     assert tree_state(case_dir) == before
+
+
+@pytest.mark.parametrize("change", ["delivery folder renamed", "log rewritten"])
+def test_the_interpreter_is_not_given_a_case_folder_changed_since_discovery(tmp_path, change):
+    case_dir = write_sample_case(tmp_path / "scan", "ST3", beams=2, layers=2)
+    case = discover_case(case_dir)
+    delivery = Path(case.beams[1].delivery.path)
+    if change == "delivery folder renamed":
+        delivery.rename(delivery.with_name("2025042409990000"))
+        expected = "added 2025042409990000/L001.mgn, 2025042409990000/L001.ptn"
+    else:
+        (delivery / "L002.ptn").write_bytes(bytes(32))
+        expected = f"changed {delivery.name}/L002.ptn"
+    with pytest.raises(PermanentError) as raised:
+        stage_interpreter_input(case, tmp_path / "in" / "ST3")
+    assert f"case ST3: the case folder {case_dir} changed since discovery ({expected}" in str(raised.value)

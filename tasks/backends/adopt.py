@@ -8,6 +8,11 @@ before the download. Whether a run worked is decided in one place (tasks/moqui/j
 exit code, log markers, dose size); a result judged bad is marked rejected in its job
 folder, so the next attempt launches again.
 
+The run that launches or adopts a job records itself as its holder in the job folder
+(Holder: its flow run and GPU lease), so that a later run adopting the job can tell
+whether the holder is gone and take its GPU at once (tasks/gpu/takeover.py), and a
+cancelled run's jobs can be found and stopped (deployments/reconcile.py).
+
 Plain code, no Prefect: how a GPU is held is handed in (`TakeGpu`; the simulate task
 passes the server-side lease of tasks/gpu).
 """
@@ -20,21 +25,30 @@ from pathlib import Path
 from typing import Protocol
 
 from config.settings import Settings
-from tasks.backends.base import Backend, FetchError, Followed, JobState, follow
+from tasks.backends.base import Backend, FetchError, Followed, Holder, Job, JobState, follow
+from tasks.casefolder.content import check_unchanged
+from tasks.common import stopping
 from tasks.common.errors import PermanentError, ToolError, cause_of
 from tasks.dose.calibration import dose_scale, raw_dose_problem
 from tasks.gpu.nvidia_smi import busy_gpus
-from tasks.gpu.pool import SkipReason
+from tasks.gpu.pool import QUEUE_PLACE, SkipReason
 from tasks.moqui.beam import BeamInput, BeamResult
-from tasks.moqui.judge import bad_output, dose_size_problem, engine_failed, judge
+from tasks.moqui.judge import bad_output, dose_size_problem, engine_failed, judge, run_facts
 
 
 class TakeGpu(Protocol):
-    """Hold one GPU for the block and yield its index: one of `only`, or any not passed over by `skip`."""
+    """Hold one GPU for the block and yield the record of that hold (its `gpu`, lease and run).
+
+    The GPU is one of `only`, or any not passed over by `skip`.
+    """
 
     def __call__(
         self, *, only: Sequence[int] | None = None, skip: SkipReason | None = None
-    ) -> AbstractContextManager[int]: ...
+    ) -> AbstractContextManager[Holder]: ...
+
+
+# Given the holder a found job records: if that holder is gone, release the GPU lease it left.
+LetGo = Callable[[Holder], None]
 
 
 def preflight(beam: BeamInput) -> None:
@@ -72,37 +86,80 @@ def run_job(
     log_path: Path,
     on_line: Callable[[str], None] | None,
     say: Callable[[str], None],
+    let_go: LetGo | None = None,
+    on_job: Callable[[Job], None] | None = None,
 ) -> Followed:
-    """Adopt, collect or launch the beam's job and follow it to its end."""
+    """Adopt, collect or launch the beam's job and follow it to its end.
+
+    A job found in any state may name a holder that was killed holding its GPU's lease
+    (while the engine ran, or after it ended and before the lease was given back): that
+    lease is let go first, so the GPU does not stay idle until the lease expires. On a
+    capped Slurm queue (`backend.queue_slots`) `take_gpu` gives a place in that queue instead
+    of a GPU, held from before sbatch until Slurm has ended the job, and let go the same way.
+    """
     job = backend.lookup(beam)
+    leased = backend.gpu_leases or backend.queue_slots
+    if let_go is not None and leased and job.state is not JobState.MISSING:
+        previous = backend.holder(job)
+        if previous is not None:
+            let_go(previous)
     if job.state is JobState.RUNNING:
-        if job.gpu not in settings.backend.gpus:
+        if backend.gpu_leases and job.gpu not in settings.backend.gpus:
             raise ToolError(
                 f"{beam.subject}: a job is running on GPU {job.gpu} of {job.host} "
                 f"({job.dir}), which is not in backend.gpus; wait for it or stop it (pid {job.pid})"
             )
-        say(
-            f"{beam.label}: adopting the job running on GPU {job.gpu} of {job.host} "
-            f"(pid {job.pid}, {job.dir})"
-        )
-        with ExitStack() as held:
-            if not job.engine_ended:  # its engine still runs on that GPU
-                held.enter_context(take_gpu(only=[job.gpu]))
+        say(f"{beam.label}: adopting the job running {backend.describe(job)}")
+        with ExitStack() as queued, ExitStack() as held:
+            if backend.gpu_leases and not job.engine_ended:  # its engine still runs on that GPU
+                backend.hold(job, held.enter_context(take_gpu(only=[job.gpu])))
+            if backend.queue_slots:  # it is in the queue: it holds a place there
+                backend.hold(job, queued.enter_context(take_gpu(only=[QUEUE_PLACE])))
+            stopping.check(f"adopting the job of {beam.label}", engine_running=not job.engine_ended)
             argv = backend.engine_argv(beam, job.gpu)
-            return follow(backend, job, argv, log_path, on_line, say, engine_ended=held.close)
+            return _follow_out_of_queue(backend, job, argv, log_path, on_line, say, held, on_job)
     if job.state is JobState.FINISHED_OK:
-        say(f"{beam.label}: collecting the job that finished on GPU {job.gpu} of {job.host} ({job.dir})")
-        return follow(backend, job, backend.engine_argv(beam, job.gpu), log_path, on_line, say)
+        say(f"{beam.label}: collecting the job that finished {backend.describe(job)}")
+        return follow(backend, job, backend.engine_argv(beam, job.gpu), log_path, on_line, say, on_job=on_job)
     if job.state is JobState.FINISHED_FAILED:
         why = job.problem or f"exit {job.exit_code}"
         say(f"{beam.label}: the earlier job in {job.dir} failed ({why}); launching it again")
     backend.stage(beam)
-    with ExitStack() as held:
-        gpu = held.enter_context(take_gpu(skip=busy_gpus(settings.backend, backend)))
+    with ExitStack() as queued, ExitStack() as held:
+        gpu, holder = 0, None  # without leases the scheduler picks the GPU, which the engine sees as 0
+        if backend.gpu_leases:
+            holder = held.enter_context(take_gpu(skip=busy_gpus(settings.backend, backend)))
+            gpu = holder.gpu
+        elif backend.queue_slots:  # a place in the capped queue before sbatch
+            holder = queued.enter_context(take_gpu())
+        stopping.check(f"launching {beam.label} on GPU {gpu}")  # a GPU taken as the signal came
+        # The wait for a GPU may have been long: a case folder renamed or changed meanwhile
+        # stops here, before GPU time is spent on inputs that are no longer the case's.
+        check_unchanged(beam.case_content)
         argv = backend.engine_argv(beam, gpu)
         job = backend.launch(beam, gpu, argv)
-        say(f"{beam.label}: launched on GPU {gpu} of {job.host} (pid {job.pid}, {job.dir})")
-        return follow(backend, job, argv, log_path, on_line, say, engine_ended=held.close)
+        if holder is not None:
+            backend.hold(job, holder)
+        say(f"{beam.label}: launched {backend.describe(job)}")
+        return _follow_out_of_queue(backend, job, argv, log_path, on_line, say, held, on_job)
+
+
+def _follow_out_of_queue(
+    backend: Backend,
+    job: Job,
+    argv: list[str],
+    log_path: Path,
+    on_line: Callable[[str], None] | None,
+    say: Callable[[str], None],
+    held: ExitStack,
+    on_job: Callable[[Job], None] | None,
+) -> Followed:
+    """Follow the job (its GPU, `held`, let go as its engine exits) until the scheduler has ended it
+    too, so that a place in a capped queue is given back only once the job is out of the queue."""
+    followed = follow(backend, job, argv, log_path, on_line, say, engine_ended=held.close, on_job=on_job)
+    if backend.queue_slots:
+        backend.left_queue(followed.job)
+    return followed
 
 
 def simulate_beam(
@@ -113,6 +170,8 @@ def simulate_beam(
     take_gpu: TakeGpu,
     on_line: Callable[[str], None] | None = None,
     notify: Callable[[str], None] | None = None,
+    let_go: LetGo | None = None,
+    on_job: Callable[[Job], None] | None = None,
 ) -> tuple[BeamResult, bool]:
     """Run one beam to a verified local dose file; return its result and whether the engine said done.
 
@@ -123,7 +182,7 @@ def simulate_beam(
     preflight(beam)
     say = notify or (lambda message: None)
     log_path = attempt_log(Path(beam.beam_dir), attempt)
-    followed = run_job(settings, backend, beam, take_gpu, log_path, on_line, say)
+    followed = run_job(settings, backend, beam, take_gpu, log_path, on_line, say, let_go, on_job)
     job, run = followed.job, followed.run
     verdict = judge(run, followed.lines, settings.engine, settings.engine_profile)
     failure, dose = verdict.failure, None
@@ -139,7 +198,10 @@ def simulate_beam(
             failure = f"{failure}: {job.problem}"
         if job.state is JobState.FINISHED_OK:  # exit 0, but not acceptable: relaunch next time
             backend.reject(job, failure)
-        raise engine_failed(beam, job.gpu, job.host or backend.where, failure, run)
+        error = engine_failed(beam, job.gpu, job.host or backend.where, failure, run, attempt)
+        if job.queued is not None and not job.queued.retry:  # e.g. TIMEOUT, CANCELLED: again would not help
+            raise PermanentError(str(error), cause=failure)
+        raise error
     assert dose is not None
     bad = bad_output(beam, verdict)
     if bad is None and settings.tps.output_format == "raw":
@@ -149,6 +211,7 @@ def simulate_beam(
             f"{beam.subject}: bad output of the engine on GPU {job.gpu} of {job.host or backend.where}: "
             f"{bad}; log {run.log_path}",
             cause=f"bad output: {bad}",
+            facts=run_facts(job.gpu, attempt, run),
         )
     backend.cleanup(beam, job)
     result = BeamResult(

@@ -9,6 +9,7 @@ beam's moqui_tps.in is written in its job folder.
 
 from __future__ import annotations
 
+import shlex
 import socket
 import subprocess
 from pathlib import Path
@@ -47,6 +48,9 @@ class LocalBackend(Backend):
 
     def job_dir(self, beam: BeamInput) -> str:
         return str(Path(beam.beam_dir) / "jobs" / beam.input_hash)
+
+    def case_jobs_pattern(self, case_id: str) -> str:
+        return f"{shlex.quote(str(self.settings.work_dir(case_id) / 'beams'))}/beam-*/jobs/*"
 
     def stage(self, beam: BeamInput) -> None:
         """The wrapper in the job folder; the staged input is already where the engine reads it.

@@ -101,6 +101,9 @@ class SshBackend(Backend):
     def job_dir(self, beam: BeamInput) -> str:
         return str(self._job(beam))
 
+    def case_jobs_pattern(self, case_id: str) -> str:
+        return f"{shlex.quote(str(PurePosixPath(self.ssh.remote_root) / case_id))}/beam-*/*"
+
     def input_path(self, beam: BeamInput) -> str:
         return str(self._job(beam) / TPS_NAME)
 

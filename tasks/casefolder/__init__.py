@@ -3,7 +3,8 @@
 Plain code, no Prefect, so the sensor, the case flow and the CLI judge a folder alike:
 `model` (what discovery hands on), `names` (what may be read), `plan` (the RTPLAN),
 `deliveries` (PlanInfo, PlanRange, machine logs), `matching` (deliveries to beams),
-`inspect` (all of it, every problem at once).
+`inspect` (all of it, every problem at once), `content` (the folder's files as discovery
+read them, and whether it still holds them), `plancopy` (the run's own copy of the plan).
 """
 
 from tasks.casefolder.inspect import discover_case, inspect_case

@@ -8,8 +8,10 @@ an empty, cut or unreadable file fails the case here, naming the file.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from tasks.casefolder.model import Delivery
@@ -26,6 +28,9 @@ PLANRANGE_HEADER = (
 )
 
 PLANINFO_INTEGER_KEYS = ("DICOM_BEAM_NUMBER", "START_LAYER_NUMBER", "STOP_LAYER_NUMBER")
+IRRADIATION_KEY = "TCSC_IRRAD_DATETIME"
+# The machine's form: YYYYMMDDhhmmss and two digits of hundredths (2025042401440800).
+MACHINE_DATETIME = re.compile(r"(\d{14})(\d{2})?")
 
 
 @dataclass(frozen=True)
@@ -67,9 +72,48 @@ def find_named(entries: Iterable[Path], wanted: str) -> Path | None:
     return next((path for path in entries if path.name.lower() == wanted.lower()), None)
 
 
-def _parse_planinfo(text: str, where: str, problems: Problems) -> dict[str, str] | None:
-    """KEY,VALUE lines; None (with a problem per bad line) when any line is unparsable."""
+def parse_irradiation_time(value: str) -> datetime | None:
+    """An irradiation time in the machine's form (2025042401440800) or ISO form; None if neither.
+
+    Times carrying a time zone are refused: the machine writes local time, and one aware
+    time among naive ones could not be ordered.
+    """
+    machine = MACHINE_DATETIME.fullmatch(value)
+    try:
+        if machine:
+            parsed = datetime.strptime(machine.group(1), "%Y%m%d%H%M%S")
+            return parsed.replace(microsecond=int(machine.group(2) or 0) * 10_000)
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is None else None
+
+
+def _irradiation_time(
+    values: dict[str, str], lines: dict[str, int], folder: str, where: str, problems: Problems
+) -> datetime | None:
+    """TCSC_IRRAD_DATETIME parsed (deliveries are ordered by it); without one, the folder name's time."""
+    if IRRADIATION_KEY not in values:
+        parsed = parse_irradiation_time(folder)
+        if parsed is None:
+            problems.add(where, f"{IRRADIATION_KEY} is missing (and the folder name is not a date and time)")
+        return parsed
+    parsed = parse_irradiation_time(values[IRRADIATION_KEY])
+    if parsed is None:
+        problems.add(
+            f"{where} line {lines[IRRADIATION_KEY]}",
+            f"{IRRADIATION_KEY} {values[IRRADIATION_KEY][:40]!r} is not a date and time "
+            "(expected YYYYMMDDhhmmssff, as the machine writes it, or ISO YYYY-MM-DD hh:mm:ss)",
+        )
+    return parsed
+
+
+def _parse_planinfo(
+    text: str, where: str, problems: Problems
+) -> tuple[dict[str, str], dict[str, int]] | None:
+    """KEY,VALUE lines and each key's line number; None (with a problem per bad line) if any is bad."""
     values: dict[str, str] = {}
+    lines: dict[str, int] = {}
     ok = True
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
@@ -85,7 +129,8 @@ def _parse_planinfo(text: str, where: str, problems: Problems) -> dict[str, str]
             ok = False
         else:
             values[key] = value.strip()
-    return values if ok else None
+            lines[key] = number
+    return (values, lines) if ok else None
 
 
 def _planinfo_numbers(values: dict[str, str], where: str, problems: Problems) -> dict[str, int]:
@@ -131,27 +176,34 @@ def read_delivery(
     before = len(problems.messages)
     planrange = next(filter(None, (find_named(entries, name) for name in PLANRANGE_NAMES)), None)
     try:
-        values = _parse_planinfo(decode_text(planinfo.read_bytes()), f"{where} {planinfo.name}", problems)
+        parsed = _parse_planinfo(decode_text(planinfo.read_bytes()), f"{where} {planinfo.name}", problems)
         rows = (
             None if planrange is None else _planrange_rows(planrange, f"{where} {planrange.name}", problems)
         )
     except OSError as error:
         problems.add(where, f"cannot read {error.filename} ({error.strerror})")
         return None, None
+    values, lines = parsed if parsed is not None else (None, {})
     numbers = {} if values is None else _planinfo_numbers(values, f"{where} {planinfo.name}", problems)
+    irradiated = (
+        None
+        if values is None
+        else _irradiation_time(values, lines, folder.name, f"{where} {planinfo.name}", problems)
+    )
     if planrange is None:
         problems.add(where, f"no {' or '.join(PLANRANGE_NAMES)}")
     beam_number = numbers.get("DICOM_BEAM_NUMBER")
     if values is not None and "DICOM_PATIENT_ID" not in values:
         problems.add(f"{where} {planinfo.name}", "DICOM_PATIENT_ID is missing")
     _check_machine_logs(entries, where if beam_number is None else f"{where} (beam {beam_number})", problems)
-    if len(problems.messages) > before or values is None or rows is None or planrange is None:
+    unusable = values is None or rows is None or planrange is None or irradiated is None
+    if len(problems.messages) > before or unusable:
         return None, beam_number
     delivery = Delivery(
         folder=folder.name,
         path=str(folder),
         beam_number=numbers["DICOM_BEAM_NUMBER"],
-        irradiation_time=values.get("TCSC_IRRAD_DATETIME") or folder.name,
+        irradiation_time=irradiated,
         layers=rows,
         patient_id=values["DICOM_PATIENT_ID"],
     )

@@ -12,8 +12,10 @@ import os
 from pathlib import Path
 
 from config.settings import DEFAULT_DELIVERY_POLICY, DEFAULT_READY_MARKER, DELIVERY_POLICIES, DeliveryPolicy
+from tasks.casefolder.content import CaseContent, FileEntry, counted, describe_changes, list_files
 from tasks.casefolder.deliveries import (
     PLANINFO_NAME,
+    PLANRANGE_NAMES,
     DeliveryRecord,
     delivery_folders,
     find_named,
@@ -26,19 +28,32 @@ from tasks.casefolder.plan import ROOM_PATTERN, Plan, find_rtplans, read_plan
 from tasks.casefolder.problems import Problems, relative
 
 
+def _case_folders_below(folder: Path, plans: list[Path]) -> bool:
+    """Whether the plans found are each in a subfolder of its own: `folder` holds cases, not a case."""
+    parents = [path.parent for path in plans]
+    return folder not in parents and len(set(parents)) == len(parents)
+
+
 def _inspect_folder(
-    case_dir: Path, policy: DeliveryPolicy, problems: Problems
+    case_dir: Path, policy: DeliveryPolicy, problems: Problems, arriving: list[str]
 ) -> tuple[Plan | None, list[Beam], list[int]]:
     """Find the plan and the deliveries and match them; problems are collected, not raised.
 
-    Returns the plan, the matched beams and the treatment beams without a delivery folder.
+    Returns the plan, the matched beams and the treatment beams without a delivery folder;
+    adds to `arriving` what looks like files not copied yet (see Inspection.arriving).
     """
     found, unreadable = find_rtplans(case_dir)
     for path, reason in unreadable:
         problems.add(relative(path, case_dir), reason)
     plan = None
     if not found:
-        problems.add(".", "no RTPLAN found (DICOM headers read in the case folder and one level below)")
+        problems.add(".", "no RTPLAN found in the case folder (DICOM headers read there and one level below)")
+        if not unreadable:  # an unreadable or broken file may be the plan: that is reported, not awaited
+            arriving.append("it has no RTPLAN yet")
+    elif len(found) > 1 and _case_folders_below(case_dir, [path for path, _ in found]):
+        names = ", ".join(sorted(path.parent.name for path, _ in found))
+        problems.add(".", f"this is a scan folder holding the cases {names}, not a case folder: give one")
+        return None, [], []
     elif len(found) > 1:
         names = ", ".join(relative(path, case_dir) for path, _ in found)
         problems.add(".", f"{len(found)} RTPLAN files, expected exactly one: {names}")
@@ -59,7 +74,10 @@ def _inspect_folder(
                 f"delivery folder {folder.name!r}",
                 f"holds machine log files (.ptn/.mgn) but no {PLANINFO_NAME}",
             )
+            arriving.append(f"delivery folder {folder.name!r} has machine logs but no {PLANINFO_NAME} yet")
             continue
+        if not any(find_named(entries, name) for name in PLANRANGE_NAMES):
+            arriving.append(f"delivery folder {folder.name!r} has no {PLANRANGE_NAMES[0]} yet")
         record, beam_number = read_delivery(folder, planinfo, entries, problems)
         if record is not None:
             records.append(record)
@@ -92,6 +110,8 @@ def inspect_case(
     plan: Plan | None = None
     beams: list[Beam] = []
     missing: list[int] = []
+    arriving: list[str] = []
+    files: list[FileEntry] = []
     ready = False
     name = name_problem(case_path.name)
     if name is not None:
@@ -102,8 +122,16 @@ def inspect_case(
             problems.add(str(case_path), "is not a folder")
         elif all(entry.name == ready_marker for entry in case_path.iterdir()):
             problems.add(".", "the case folder is empty (no RTPLAN, no delivery folders)")
+            arriving.append("the case folder is empty")
         else:
-            plan, beams, missing = _inspect_folder(case_path, delivery_policy, problems)
+            files = list_files(case_path)
+            plan, beams, missing = _inspect_folder(case_path, delivery_policy, problems, arriving)
+            changed = describe_changes(
+                counted(files, ready_marker), counted(list_files(case_path), ready_marker)
+            )
+            if changed:  # what was read may be half old, half new
+                problems.add(".", f"files changed while the case folder was read ({changed})")
+                arriving.append(f"its files changed while it was read ({changed})")
     except OSError as error:  # a folder vanishing or locked mid-scan: report it, never raise
         problems.add(str(error.filename or case_path), f"cannot read ({error.strerror})")
     excluded = sorted(plan.excluded.values(), key=lambda beam: beam.number) if plan else []
@@ -115,6 +143,7 @@ def inspect_case(
             case_id=case_path.name,
             case_dir=str(case_path),
             plan_path=str(plan.path),
+            plan_source=str(plan.path),
             patient_id=plan.patient_id,
             study_instance_uid=plan.study_instance_uid,
             frame_of_reference_uid=plan.frame_of_reference_uid,
@@ -124,6 +153,7 @@ def inspect_case(
             room=int(room.group(1)) if room else None,
             beams=beams,
             excluded=excluded,
+            content=CaseContent.of(case_path.name, case_path, files, ready_marker),
         )
     return Inspection(
         case_id=case_path.name,
@@ -134,7 +164,9 @@ def inspect_case(
         excluded=excluded,
         problems=problems.messages,
         case=case,
+        delivery_policy=delivery_policy,
         missing_deliveries=missing,
+        arriving=arriving,
     )
 
 

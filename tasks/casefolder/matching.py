@@ -85,6 +85,10 @@ def match_deliveries(
             )
         delivery = _choose(plan_beam, candidates, policy, problems) if candidates else None
         if delivery is not None:
+            passed_over = sorted(
+                (record.delivery for record in candidates if record.delivery != delivery),
+                key=lambda other: (other.irradiation_time, other.folder),
+            )
             beams.append(
                 Beam(
                     number=number,
@@ -95,6 +99,7 @@ def match_deliveries(
                     scan_mode=plan_beam.scan_mode,
                     meterset=plan_beam.meterset,
                     delivery=delivery,
+                    passed_over=passed_over,
                     range_shifters=plan_beam.range_shifters,
                     blocks=plan_beam.blocks,
                 )

@@ -6,9 +6,12 @@ decisions), and CaseError, which lists every problem a folder has at once.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from pydantic import BaseModel, ConfigDict
 
 from config.settings import DeliveryPolicy
+from tasks.casefolder.content import CaseContent
 from tasks.casefolder.names import csv_dir_name
 
 __all__ = ["Beam", "Case", "CaseError", "Delivery", "DeliveryPolicy", "ExcludedBeam", "Inspection"]
@@ -24,7 +27,7 @@ class Delivery(_Model):
     folder: str
     path: str
     beam_number: int
-    irradiation_time: str
+    irradiation_time: datetime  # PlanInfo's TCSC_IRRAD_DATETIME, parsed: deliveries are ordered by it
     layers: int
     patient_id: str
 
@@ -40,6 +43,8 @@ class Beam(_Model):
     scan_mode: str
     meterset: float
     delivery: Delivery
+    # The beam's other deliveries (other fractions), which the delivery policy did not choose.
+    passed_over: list[Delivery] = []
     range_shifters: int = 0  # NumberOfRangeShifters: beamline elements before the phantom
     blocks: int = 0  # NumberOfBlocks
 
@@ -62,7 +67,10 @@ class Case(_Model):
 
     case_id: str
     case_dir: str
-    plan_path: str
+    plan_path: (
+        str  # the plan the run reads: the one found, then the run's copy (tasks/casefolder/plancopy.py)
+    )
+    plan_source: str  # the plan file found in the case folder
     patient_id: str
     study_instance_uid: str
     frame_of_reference_uid: str
@@ -72,6 +80,7 @@ class Case(_Model):
     room: int | None
     beams: list[Beam]
     excluded: list[ExcludedBeam]
+    content: CaseContent  # the files discovery read, and their key: checked before GPU time is spent
 
 
 class Inspection(_Model):
@@ -85,9 +94,24 @@ class Inspection(_Model):
     excluded: list[ExcludedBeam]
     problems: list[str]
     case: Case | None
+    delivery_policy: DeliveryPolicy
     # Treatment beams without a delivery folder in a case with fewer delivery folders than
     # treatment beams: the transfer may still be delivering them.
     missing_deliveries: list[int] = []
+    # What looks like files still being copied: the folder is empty, no RTPLAN yet (and no
+    # unreadable file that could be it), a delivery folder has machine logs but no
+    # PlanInfo.txt or no PlanRange yet, or files changed while the folder was read. The
+    # sensor waits on these (and on missing_deliveries) rather than starting a run that
+    # fails at discovery; each is also among `problems`.
+    arriving: list[str] = []
+
+    def incomplete_reasons(self) -> list[str]:
+        """Why the folder looks half copied (the sensor waits for it); empty when it does not."""
+        reasons = list(self.arriving)
+        if self.missing_deliveries:
+            beams = ", ".join(str(number) for number in self.missing_deliveries)
+            reasons.append(f"treatment beam(s) {beams} have no delivery folder")
+        return reasons
 
     def to_json_dict(self) -> dict[str, object]:
         """A compact summary for the CLI and for logs (no patient data beyond the case id)."""
@@ -97,6 +121,7 @@ class Inspection(_Model):
             "ready": self.ready,
             "ok": not self.problems,
             "plan": self.plan_path,
+            "delivery_policy": self.delivery_policy,
             "beams": [
                 {
                     "beam_number": beam.number,
@@ -106,7 +131,11 @@ class Inspection(_Model):
                     "layers": beam.layers,
                     "meterset": beam.meterset,
                     "delivery": beam.delivery.folder,
-                    "irradiation_time": beam.delivery.irradiation_time,
+                    "irradiation_time": beam.delivery.irradiation_time.isoformat(),
+                    "passed_over": [
+                        {"delivery": other.folder, "irradiation_time": other.irradiation_time.isoformat()}
+                        for other in beam.passed_over
+                    ],
                 }
                 for beam in self.beams
             ],
@@ -116,6 +145,7 @@ class Inspection(_Model):
             ],
             "problems": list(self.problems),
             "missing_deliveries": list(self.missing_deliveries),
+            "arriving": list(self.arriving),
         }
 
 
@@ -127,6 +157,13 @@ class CaseError(ValueError):
         self.problems = list(problems)
         lines = "\n".join(f"  - {problem}" for problem in self.problems)
         super().__init__(f"{case_id}: {len(self.problems)} problem(s) in the case folder:\n{lines}")
+
+    @property
+    def cause(self) -> str:
+        """Every problem on one line, without the case id (and the `.` of the case folder itself)."""
+        return "; ".join(
+            problem.removeprefix(f"{self.case_id}: ").removeprefix(".: ") for problem in self.problems
+        )
 
     def __reduce__(self) -> tuple[type[CaseError], tuple[str, list[str]]]:
         # Results and states are pickled; the default reduce would call __init__ with the message.

@@ -15,15 +15,19 @@ from typing import Any
 
 
 class MqiError(Exception):
-    """An error with a standalone message and a one-line cause (default: the message's first line)."""
+    """An error with a standalone message and a one-line cause (default: the message's first line).
 
-    def __init__(self, message: str, cause: str | None = None) -> None:
+    `facts` are what the beam table shows of the run that failed: `gpu`, `attempts`, `seconds`.
+    """
+
+    def __init__(self, message: str, cause: str | None = None, facts: dict[str, float] | None = None) -> None:
         super().__init__(message)
         self.cause = cause if cause is not None else message.splitlines()[0] if message else ""
+        self.facts = dict(facts or {})
 
-    def __reduce__(self) -> tuple[type[MqiError], tuple[str, str]]:
-        # States and results are pickled; the default reduce would drop the cause.
-        return (type(self), (str(self), self.cause))
+    def __reduce__(self) -> tuple[type[MqiError], tuple[str, str, dict[str, float]]]:
+        # States and results are pickled; the default reduce would drop the cause and the facts.
+        return (type(self), (str(self), self.cause, self.facts))
 
 
 class PermanentError(MqiError):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def every(
-    seconds: float, update: Callable[[float], None], clock: Callable[[], float] = time.monotonic
-) -> Callable[[float], None]:
+    seconds: float, update: Callable[[T], None], clock: Callable[[], float] = time.monotonic
+) -> Callable[[T], None]:
     """`update`, but skipped when it last ran less than `seconds` ago.
 
     The engine may log thousands of batches; each progress-bar update is a write to the
@@ -16,7 +19,7 @@ def every(
     """
     last: float | None = None
 
-    def maybe(value: float) -> None:
+    def maybe(value: T) -> None:
         nonlocal last
         now = clock()
         if last is None or now - last >= seconds:

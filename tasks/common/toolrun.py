@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tasks.common import stopping
+
 TAIL_LINES = 30
 KILL_GRACE_SECONDS = 5.0
 
@@ -86,6 +88,7 @@ def run_tool(
     on_line: Callable[[str], None] | None = None,
 ) -> ToolRun:
     """Run `argv` in `cwd` until it exits or `timeout` seconds pass (then kill its group)."""
+    stopping.check(f"starting {Path(argv[0]).name}")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     run = ToolRun(argv=list(argv), log_path=log_path)
     with log_path.open("wb") as log:

@@ -74,14 +74,21 @@ def _provenance(result: BeamResult) -> dict[str, object]:
     }
 
 
+def water_surface_mm(settings: Settings) -> float:
+    """z (mm, phantom frame) of the water surface the beam enters: depth = surface - z."""
+    if settings.tps.two_centimeter_mode:
+        return settings.engine_profile.two_centimeter_plane.surface_mm
+    phantom = phantom_grid(settings)
+    return phantom.position[2] + phantom.dims[2] * phantom.spacing[2]
+
+
 def phantom_frame(settings: Settings, case: Case) -> DoseFrame:
     """The frame of the engine's beam-aligned water phantom: one per plan, never the patient's."""
-    phantom = phantom_grid(settings)
-    surface = phantom.position[2] + phantom.dims[2] * phantom.spacing[2]
     uid = generate_uid(
         entropy_srcs=[case.plan_sop_instance_uid, "mqi-communicator beam-aligned water phantom"]
     )
     if not settings.tps.two_centimeter_mode:
+        surface = water_surface_mm(settings)
         return DoseFrame(
             uid, f"beam-aligned water phantom, beam along -z, surface z={surface:g} mm", "water phantom"
         )
@@ -107,7 +114,7 @@ def _write_output(
         "orchestrator": "mqi-communicator",
         "version": version("mqi-communicator"),
         "case_id": case.case_id,
-        "plan": case.plan_path,
+        "plan": case.plan_source,
         "summation": info.summation,
         "rtdose": path.name,
         "rtdose_sha256": info.sha256,

@@ -34,6 +34,7 @@ from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.logging import get_logger
 from prefect.settings import PREFECT_API_URL
 
+from tasks.common.stopping import Stopped, check, on_stop, stopping
 from tasks.gpu.events import HANDED_OVER, LEASED, RELEASED
 from tasks.gpu.handoff import HandoffPoint, Offer, offer
 from tasks.gpu.lease import Lease, acquire, take_free
@@ -72,6 +73,11 @@ class _Broker:
         self._asking = False
         self._announced: float | None = None
         self._handoff: HandoffPoint | None = None
+        on_stop(self._wake)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def _listen(self) -> None:
         """Open this process's hand-off socket, once (call holding the lock)."""
@@ -114,7 +120,10 @@ class _Broker:
                         name=f"mqi-gpu-asker-{self._host}",
                         daemon=True,
                     ).start()
-                self._cond.wait_for(lambda: waiter.lease is not None or waiter.error is not None)
+                self._cond.wait_for(
+                    lambda: waiter.lease is not None or waiter.error is not None or stopping()
+                )
+                check("taking a GPU")
         except BaseException:  # interrupted while waiting: leave the queue, give back what came
             with self._cond:
                 if waiter in self._waiting:
@@ -235,8 +244,8 @@ def gpu_lease(
     only: Sequence[int] | None = None,
     skip: SkipReason | None = None,
     who: Mapping[str, str] | None = None,
-) -> Iterator[int]:
-    """Hold one free GPU of the pool for the duration of the block; yield its index.
+) -> Iterator[Lease]:
+    """Hold one free GPU of the pool for the duration of the block; yield its lease (`index`, `lease_id`).
 
     `only` restricts the choice (an adopted job must hold the GPU it runs on);
     `skip(index)` returns why a GPU must be passed over (e.g. nvidia-smi shows
@@ -250,8 +259,15 @@ def gpu_lease(
             lease = acquire(client, pool, holder, only, skip)
     lease.announce(LEASED, who)
     release_signal(pool.host).follow()  # to hear who waits by the time we are done
+    stopped = False
     try:
-        yield lease.index
+        yield lease
+    except Stopped as stop:
+        if stop.engine_running:  # it goes on: the lease stays taken until the next run adopts the job
+            stopped = True
+            lease.stop_renewing()
+        raise
     finally:
-        farewell = partial(lease.announce, RELEASED, {**(who or {}), HANDED_OVER: True})
-        broker.pass_on(lease, farewell, who)
+        if not stopped:
+            farewell = partial(lease.announce, RELEASED, {**(who or {}), HANDED_OVER: True})
+            broker.pass_on(lease, farewell, who)

@@ -22,11 +22,12 @@ from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.events import emit_event
 from prefect.logging import get_logger
 
+from tasks.common.stopping import check
 from tasks.gpu.events import RELEASED
 from tasks.gpu.limits import GpuLimitMissing
 from tasks.gpu.pool import GpuPool, SkipReason
 from tasks.gpu.wakeup import release_signal
-from tasks.prefect_api.client import api_client
+from tasks.prefect_api.client import api_client, server_unavailable
 from tasks.prefect_api.internals import granted_lease
 
 logger = get_logger("mqi.gpu")
@@ -75,10 +76,7 @@ class Lease:
     def __init__(self, pool: GpuPool, lease_id: UUID, index: int) -> None:
         self.lease_id, self.index, self.host = lease_id, index, pool.host
         self._duration = pool.lease_seconds
-        self.resource = {
-            "prefect.resource.id": pool.resource(index),
-            "prefect.resource.name": pool.limit_name(index),
-        }
+        self.resource = pool.event_resource(index)
         self._stop = threading.Event()
         self._renewer = threading.Thread(  # with our context: the same Prefect settings and server
             target=contextvars.copy_context().run,
@@ -97,9 +95,9 @@ class Lease:
     def give_back(self, who: Mapping[str, str] | None = None) -> None:
         """Release the slot, then say so (other processes' waiters ask on that event).
 
-        While the server is down, keep trying until the lease would expire: a fresh Prefect
-        client does not retry a refused connection, and a server restarted mid-case would
-        otherwise keep the slot taken for up to gpu_lease_seconds.
+        While the server is down or overloaded, keep trying until the lease would expire: a
+        fresh Prefect client does not retry a refused connection, gives up on a busy database's
+        503 after a few tries, and a slot not released stays taken for up to gpu_lease_seconds.
         """
         self.stop_renewing()
         self._renewer.join()
@@ -109,21 +107,18 @@ class Lease:
                 with api_client() as client:
                     client.release_concurrency_slots_with_lease(self.lease_id)
                 break
-            except httpx.TransportError as error:  # server down or restarting
-                if time.monotonic() + pause >= deadline:
+            except Exception as error:  # the lease still expires on its own
+                if not server_unavailable(error) or time.monotonic() + pause >= deadline:
                     logger.warning("could not release GPU %s lease %s: %s", self.index, self.lease_id, error)
                     break
                 time.sleep(pause)  # a back-off between tries, not a wait for another thread
                 pause = min(2 * pause, 5.0)
-            except Exception as error:  # the lease still expires on its own
-                logger.warning("could not release GPU %s lease %s: %s", self.index, self.lease_id, error)
-                break
         release_signal(self.host).released()  # this process's waiters: no need to wait for the event
         self.announce(RELEASED, who)
 
 
 def _free_gpus(client: SyncPrefectClient, pool: GpuPool, candidates: Sequence[int]) -> list[int]:
-    """The candidates whose limit shows a free slot, in order, from one read of the server.
+    """The candidates whose limit shows a free slot (once per free slot), from one read of the server.
 
     Reading first keeps waiting cheap for the server: a failed slot increment
     is a write (and a second query for Retry-After) on a database that every
@@ -137,7 +132,12 @@ def _free_gpus(client: SyncPrefectClient, pool: GpuPool, candidates: Sequence[in
             f"GPU limit(s) {', '.join(missing)} do not exist on the Prefect server; "
             "run `mqi gpus sync` or start via mqi"
         )
-    return [index for name, index in wanted.items() if limits[name].active and limits[name].active_slots == 0]
+    return [  # a GPU once if free; a limit of several slots (a capped Slurm queue) once per free slot
+        index
+        for name, index in wanted.items()
+        if limits[name].active
+        for _ in range(limits[name].limit - limits[name].active_slots)
+    ]
 
 
 def take_free(
@@ -179,6 +179,7 @@ def acquire(
     released = release_signal(pool.host)
     told: dict[int, str] = {}
     while True:
+        check(f"taking GPU {', '.join(map(str, candidates))}")
         seen = released.count()  # before reading: a release from now on ends the wait below
         for lease in take_free(client, pool, holder, candidates, skip, told):
             return lease

@@ -1,5 +1,7 @@
 """The GPU limits on the Prefect server: one global concurrency limit of 1 per GPU, and who holds each.
 
+(A capped Slurm queue is one more limit, of slurm.max_queued_jobs: tasks/gpu/pool.py SlurmQueue.)
+
 A limit only counts, it does not name a GPU; with one limit per GPU
 (`gpu-<host>-<index>`) holding a slot *is* owning that GPU. Limits are created
 (idempotently) before any beam asks for one, and a GPU that is no longer configured has
@@ -9,15 +11,18 @@ comes from the newest lease or release event of its resource.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.events import Event
 from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+from config.settings import Settings
 from tasks.gpu.events import LEASED, RELEASED
-from tasks.gpu.pool import GpuPool
+from tasks.gpu.pool import GpuPool, slot_pools
 from tasks.prefect_api.client import api_client
 
 
@@ -25,8 +30,17 @@ class GpuLimitMissing(RuntimeError):
     """A configured GPU has no concurrency limit: refuse rather than run unlimited."""
 
 
+def ensure_slot_limits(settings: Settings) -> dict[str, list[str]]:
+    """ensure_gpu_limits for every pool beams hold slots of: the GPUs, and a capped Slurm queue."""
+    done: dict[str, list[str]] = {}
+    for pool in slot_pools(settings):
+        for what, names in ensure_gpu_limits(pool).items():
+            done.setdefault(what, []).extend(names)
+    return done
+
+
 def ensure_gpu_limits(pool: GpuPool) -> dict[str, list[str]]:
-    """Create or update (idempotently) one active limit of 1 per configured GPU.
+    """Create or update (idempotently) one active limit of `pool.size` (1 per GPU) per configured GPU.
 
     Limits of this host's GPUs that are no longer configured are disabled, so
     the Concurrency page shows they are out of service instead of leaving them
@@ -41,14 +55,14 @@ def ensure_gpu_limits(pool: GpuPool) -> dict[str, list[str]]:
             if limit is None:
                 try:
                     client.create_global_concurrency_limit(
-                        GlobalConcurrencyLimitCreate(name=name, limit=1, active=True)
+                        GlobalConcurrencyLimitCreate(name=name, limit=pool.size, active=True)
                     )
                     done["created"].append(name)
                 except ObjectAlreadyExists:  # another case run created it just now: same limit
                     done["unchanged"].append(name)
-            elif limit.limit != 1 or not limit.active:
+            elif limit.limit != pool.size or not limit.active:
                 client.update_global_concurrency_limit(
-                    name, GlobalConcurrencyLimitUpdate(limit=1, active=True)
+                    name, GlobalConcurrencyLimitUpdate(limit=pool.size, active=True)
                 )
                 done["updated"].append(name)
             else:
@@ -70,14 +84,22 @@ def _last_lease_event(client: SyncPrefectClient, resource_id: str) -> dict[str, 
         ),
         limit=1,
     )
-    if not page.events:
-        return None
-    event = page.events[0]  # newest first
+    return lease_event(page.events[0]) if page.events else None  # newest first
+
+
+def lease_event(event: Event) -> dict[str, object]:
+    """What a lease or release event says: which, since when, and its payload (case_id, beam, ...)."""
     return {"event": event.event, "since": event.occurred, **event.payload}
 
 
-def gpu_status(pool: GpuPool) -> list[dict[str, object]]:
-    """One row per configured GPU: limit state from the server, holder from the lease events."""
+def gpu_status(
+    pool: GpuPool, heard: Mapping[int, dict[str, object]] | None = None
+) -> list[dict[str, object]]:
+    """One row per configured GPU: limit state from the server, holder from the lease events.
+
+    `heard`: the newest lease event of some GPUs, as a follower of the event stream heard it
+    (the server stores events about a second later than it streams them).
+    """
     rows: list[dict[str, object]] = []
     with api_client() as client:
         for index in pool.gpus:
@@ -88,6 +110,7 @@ def gpu_status(pool: GpuPool) -> list[dict[str, object]]:
                 "state": "missing limit",
                 "case": "",
                 "beam": "",
+                "beam_number": "",
                 "since": "",
             }
             try:
@@ -96,12 +119,37 @@ def gpu_status(pool: GpuPool) -> list[dict[str, object]]:
                 rows.append(row)
                 continue
             row["state"] = "disabled" if not limit.active else "leased" if limit.active_slots else "free"
-            last = _last_lease_event(client, pool.resource(index))
+            last = (heard or {}).get(index) or _last_lease_event(client, pool.resource(index))
             if row["state"] == "leased" and last and last["event"] == LEASED:
                 row.update(
                     case=last.get("case_id", ""),
                     beam=last.get("beam", ""),
+                    beam_number=last.get("beam_number", ""),
                     since=last["since"].isoformat(timespec="seconds"),
                 )  # type: ignore[union-attr]
             rows.append(row)
     return rows
+
+
+def leased_text(rows: list[dict[str, object]]) -> str:
+    """`3/3 leased: P2 beams 2, 4, 5`: how many GPUs are leased, and to which cases' beams."""
+    leased = [row for row in rows if row["state"] == "leased"]
+    beams: dict[str, list[str]] = {}
+    for row in leased:
+        beams.setdefault(str(row["case"] or "?"), []).append(str(row["beam_number"] or "?"))
+    holders = "; ".join(
+        f"{case} beam{'s' if len(numbers) > 1 else ''} {', '.join(sorted(numbers, key=_number))}"
+        for case, numbers in beams.items()
+    )
+    return f"{len(leased)}/{len(rows)} leased" + (f": {holders}" if holders else "")
+
+
+def _number(text: str) -> tuple[int, str]:
+    return (int(text), "") if text.isdigit() else (1 << 30, text)
+
+
+def places_text(pool: GpuPool) -> str:
+    """`2/2 taken`: how many of the pool's one limit's slots are held (a capped Slurm queue)."""
+    with api_client() as client:
+        limit = client.read_global_concurrency_limit_by_name(pool.limit_name(pool.gpus[0]))
+    return f"{limit.active_slots}/{limit.limit} taken"

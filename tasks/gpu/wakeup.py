@@ -31,10 +31,11 @@ import asyncio
 import contextvars
 import socket
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from uuid import uuid4
 
-from prefect.events import emit_event
+from prefect.events import Event, emit_event
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 from prefect.logging import get_logger
@@ -153,27 +154,49 @@ class ReleaseSignal:
         with self._cond:
             self._following = value
 
-    async def _follow(self, since: datetime) -> None:
-        while True:
-            wanted = EventFilter(  # from `since` on: the server first sends what we missed
-                occurred=EventOccurredFilter(since=since),
-                event=EventNameFilter(name=[RELEASED, WAITING]),
-                resource=EventResourceFilter(id_prefix=[host_prefix(self._host)]),
-            )
-            try:
-                async with get_events_subscriber(filter=wanted, reconnection_attempts=0) as events:
-                    self._set_following(True)
-                    async for event in events:
-                        if event.event == WAITING:
-                            self._heard_waiting(event.payload)
-                        elif not event.payload.get(HANDED_OVER):  # else the slot is still taken
-                            self.released()
-            except Exception as error:  # the server is down or restarting: poll meanwhile
-                logger.debug("GPU release events of %s not followed: %s", self._host, error)
-            since = datetime.now(UTC)
-            self._set_following(False)
+    def _heard(self, event: Event) -> None:
+        if event.event == WAITING:
+            self._heard_waiting(event.payload)
+        elif not event.payload.get(HANDED_OVER):  # else the slot is still taken
+            self.released()
+
+    def _connected(self, following: bool) -> None:
+        self._set_following(following)
+        if not following:
             self.released()  # a release may have been missed while disconnected
-            await asyncio.sleep(RECONNECT_SECONDS)
+
+    async def _follow(self, since: datetime) -> None:
+        await follow_gpu_events(self._host, [RELEASED, WAITING], since, self._heard, self._connected)
+
+
+async def follow_gpu_events(
+    host: str,
+    names: list[str],
+    since: datetime,
+    heard: Callable[[Event], None],
+    connected: Callable[[bool], None],
+) -> None:
+    """Forever: pass every event `names` of `host`'s GPUs to `heard`, from `since` on, reconnecting.
+
+    `connected(True)` once the stream is followed, `connected(False)` when it was lost (events
+    may have been missed meanwhile).
+    """
+    while True:
+        wanted = EventFilter(  # from `since` on: the server first sends what we missed
+            occurred=EventOccurredFilter(since=since),
+            event=EventNameFilter(name=names),
+            resource=EventResourceFilter(id_prefix=[host_prefix(host)]),
+        )
+        try:
+            async with get_events_subscriber(filter=wanted, reconnection_attempts=0) as events:
+                connected(True)
+                async for event in events:
+                    heard(event)
+        except Exception as error:  # the server is down or restarting: poll meanwhile
+            logger.debug("GPU events of %s not followed: %s", host, error)
+        since = datetime.now(UTC)
+        connected(False)
+        await asyncio.sleep(RECONNECT_SECONDS)
 
 
 _signals: dict[tuple[str, str], ReleaseSignal] = {}

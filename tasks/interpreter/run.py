@@ -86,9 +86,11 @@ def run_interpreter(settings: Settings, case: Case, on_line: Callable[[str], Non
             f"{settings.interpreter.timeout_seconds:g} s and was killed; last output:\n{run.tail_text()}"
         )
     if run.returncode != 0:
+        last = run.tail_text().strip().splitlines()
         raise ToolError(
             f"case {case.case_id}: the interpreter exited with code {run.returncode} "
-            f"(log {run.log_path}); last output:\n{run.tail_text()}"
+            f"(log {run.log_path}); last output:\n{run.tail_text()}",
+            cause=f"the interpreter exited with code {run.returncode}" + (f": {last[-1]}" if last else ""),
         )
     check_interpreter_output(case, out_dir)
     return out_dir

@@ -12,7 +12,8 @@ wrong CSVs with exit 0. So it is given a folder of its own:
     <folder>/01/, 02/, ...   a copy of the delivery chosen for each treatment beam, in plan order
                              (digits only: it reads PlanRange only in folders named by digits)
 
-The case folder itself is only read.
+The case folder itself is only read, and the copy is checked to be of what discovery read
+(tasks/casefolder/content.py). The plan is read from the run's copy.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import pydicom
 
 from tasks.casefolder import Case
+from tasks.casefolder.content import check_unchanged
 
 
 def stage_interpreter_input(case: Case, folder: Path) -> Path:
@@ -43,6 +45,11 @@ def stage_interpreter_input(case: Case, folder: Path) -> Path:
     order = [int(item.BeamNumber) for item in plan.IonBeamSequence]
     deliveries = {beam.number: Path(beam.delivery.path) for beam in case.beams}
     width = max(2, len(str(len(order))))
-    for index, number in enumerate(order, start=1):
-        shutil.copytree(deliveries[number], folder / f"{index:0{width}d}", symlinks=False)
+    try:
+        for index, number in enumerate(order, start=1):
+            shutil.copytree(deliveries[number], folder / f"{index:0{width}d}", symlinks=False)
+    except OSError:
+        check_unchanged(case.content)  # a folder renamed or changed since discovery says so
+        raise
+    check_unchanged(case.content)  # what was copied is what discovery read
     return folder

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from tasks.casefolder.content import CaseContent
 from tasks.common.labels import beam_label, beam_subject
 from tasks.moqui.grid import PhantomGrid
 from tasks.moqui.tps_file import format_tps
@@ -44,6 +45,7 @@ class BeamInput(BaseModel):
     grid: PhantomGrid  # the grid the dose comes back on (the phantom, or the 2 cm plane)
     dose_name: str  # the engine's output file in OutputDir; a '*' in it matches anything
     input_hash: str
+    case_content: CaseContent  # the case folder as discovery read it: checked before each launch
 
     @property
     def label(self) -> str:

@@ -131,4 +131,5 @@ def beam_input(settings: Settings, case: Case, beam: Beam, csv_dir: Path) -> Bea
         grid=dose_grid(settings, profile),
         dose_name=dose_file_name(settings, profile, beam),
         input_hash=input_hash(text, staged.folder),
+        case_content=case.content,
     )

@@ -25,12 +25,12 @@ from tasks.moqui.beam import BeamInput
 PROGRESS = re.compile(r"Generating particles for \((\d+) of (\d+) batches\)")
 
 
-def progress_of(line: str) -> float | None:
-    """Fraction done from a `Generating particles for (k of N batches)` line."""
+def progress_of(line: str) -> tuple[int, int] | None:
+    """(k, N) from a `Generating particles for (k of N batches)` line: batch k of N is under way."""
     match = PROGRESS.search(line)
     if not match or int(match.group(2)) == 0:
         return None
-    return int(match.group(1)) / int(match.group(2))
+    return int(match.group(1)), int(match.group(2))
 
 
 @dataclass(frozen=True)
@@ -111,10 +111,18 @@ def dose_size_problem(beam: BeamInput, dose: Path, raw: bool) -> str | None:
     return None
 
 
-def engine_failed(beam: BeamInput, gpu: int, host: str, failure: str, run: ToolRun) -> ToolError:
+def run_facts(gpu: int, attempt: int, run: ToolRun) -> dict[str, float]:
+    """What the beam table shows of a run that failed: its GPU, attempt number and engine time."""
+    return {"gpu": gpu, "attempts": attempt, "seconds": round(run.ended - run.started, 1)}
+
+
+def engine_failed(
+    beam: BeamInput, gpu: int, host: str, failure: str, run: ToolRun, attempt: int
+) -> ToolError:
     """The error of a failed engine run: standalone message with the log tail, `failure` as its cause."""
     return ToolError(
         f"{beam.subject} on GPU {gpu} of {host}: {failure}; log {run.log_path}; "
         f"last lines:\n{run.tail_text(15)}",
         cause=failure,
+        facts=run_facts(gpu, attempt, run),
     )

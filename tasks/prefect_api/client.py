@@ -39,6 +39,14 @@ from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE
 
 from tasks.prefect_api.internals import share_client_context
 
+
+def server_unavailable(error: BaseException) -> bool:
+    """Down, restarting or overloaded (a refused connection, a timeout, a 5xx): a later try may succeed."""
+    if isinstance(error, httpx.HTTPStatusError):
+        return error.response.status_code >= 500
+    return isinstance(error, httpx.TransportError)
+
+
 BUSY_RETRIES = 40  # quick tries per request before the client's own (slow) retries take over
 BUSY_PAUSE_SECONDS = 0.05  # mean pause between two tries
 

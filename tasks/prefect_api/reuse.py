@@ -4,10 +4,11 @@ A beam costs minutes of GPU time, so a rerun (`mqi rerun`, or Retry of a failed 
 the UI) simulates only the beams whose inputs changed or whose simulation did not finish.
 The simulate task is cached under a key from the beam's input hash (BeamInput.input_hash:
 moqui_tps.in without GPUID, the plan copy, the beam's layer CSVs) and the engine command,
-and its results are stored under the data root, where every later run on this machine
-finds them. A stored result only points at the dose file, so it is reused only while that
-file is still the one the simulation wrote: gone, or modified after the result was stored
-(a later run with other inputs writes the same path), and the beam is simulated again.
+and its results are stored in paths.results_dir, where every later run that sees that
+folder finds them (every worker machine, when it is shared). A stored result only points
+at the dose file, so it is reused only while that file is still the one the simulation
+wrote: gone, or modified after the result was stored (a later run with other inputs
+writes the same path), and the beam is simulated again.
 """
 
 from __future__ import annotations
@@ -24,12 +25,10 @@ from prefect.results import ResultStore
 from config.settings import Settings
 from tasks.moqui.beam import BeamInput
 
-RESULTS_FOLDER = "results"
-
 
 def results_dir(settings: Settings) -> Path:
-    """Where simulate results are stored: the data root, shared by every run on this machine."""
-    return settings.root / RESULTS_FOLDER
+    """Where simulate results are stored (paths.results_dir): shared by every run that sees that path."""
+    return settings.results_dir
 
 
 def simulation_key(settings: Settings, beam: BeamInput) -> str:

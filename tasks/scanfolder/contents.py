@@ -8,65 +8,24 @@ key. Nothing here writes to the scan folder.
 
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.casefolder.names import is_partial
+from tasks.casefolder.content import FileEntry, files_digest, list_files
+
+__all__ = ["FileEntry", "Signature", "case_key", "folder_signature", "list_files"]
 
 KEY_VERSION = b"mqi-case-key-1"
 
 
-@dataclass(frozen=True)
-class FileEntry:
-    """One file of a case folder as the key sees it."""
-
-    path: str  # relative to the case folder, '/'-separated
-    size: int
-    mtime_ns: int
-    partial: bool  # a transfer still in progress (casefolder.is_partial on any part of the path)
-
-
-def list_files(case_dir: Path) -> list[FileEntry]:
-    """Every file under `case_dir`, sorted; a file that vanishes while listed is left out.
-
-    Symbolic links are not followed (their own size and mtime count), so a link loop
-    cannot hang the sensor nor a link out of the folder make it read elsewhere.
-    """
-    entries: list[FileEntry] = []
-
-    def walk(folder: Path, prefix: str, partial: bool) -> None:
-        with os.scandir(folder) as listing:
-            children = sorted(listing, key=lambda entry: entry.name)
-        for entry in children:
-            relative = f"{prefix}{entry.name}"
-            inside_partial = partial or is_partial(entry.name)
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    walk(Path(entry.path), f"{relative}/", inside_partial)
-                    continue
-                stat = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:  # removed or renamed while we listed: the next scan sees the result
-                continue
-            entries.append(FileEntry(relative, stat.st_size, stat.st_mtime_ns, inside_partial))
-
-    walk(case_dir, "", False)
-    return entries
-
-
 def case_key(name: str, files: list[FileEntry], ready_marker: str) -> str:
-    """sha256 over the case's name under the scan folder and each complete file's path, size, mtime.
+    """sha256 over the case's name under the scan folder and each counted file's path, size, mtime.
 
-    Partial files are left out (they are renamed when complete, which changes the key
-    anyway), and so is the ready marker: touching it again is not new content.
+    Partial files and the ready marker are left out (tasks/casefolder/content.py: counted).
     """
-    digest = hashlib.sha256(KEY_VERSION + b"\0" + name.encode("utf-8", "surrogateescape") + b"\0")
-    for entry in files:
-        if entry.partial or entry.path == ready_marker:
-            continue
-        digest.update(f"{entry.path}\0{entry.size}\0{entry.mtime_ns}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
+    return files_digest(
+        KEY_VERSION + b"\0" + name.encode("utf-8", "surrogateescape") + b"\0", files, ready_marker
+    )
 
 
 Signature = tuple[tuple[str, int], ...]

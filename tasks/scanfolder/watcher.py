@@ -1,8 +1,9 @@
 """When a case folder in the scan folder is ready to run: the sensor's decisions, without Prefect.
 
 Readiness: the ready marker (or, where configured, a quiet period), partial transfers
-ignored, and a case with fewer delivery folders than treatment beams, or whose files
-still change after the marker, waits and is reported, never run half. Two folders with
+ignored, and a case that looks half copied (empty, no RTPLAN yet, machine logs without
+their PlanInfo.txt, fewer delivery folders than treatment beams), or whose files still
+change after the marker, waits and is reported, never run half. Two folders with
 one case id are skipped with the reason. The sensor flow adds the Prefect side (runs,
 events, logs). Nothing here writes to the scan folder.
 """
@@ -63,6 +64,22 @@ class _Tracked:
 def _changed_paths(before: list[FileEntry], after: list[FileEntry], marker: str) -> list[str]:
     """Paths added, removed or rewritten between two listings, the ready marker left out."""
     return sorted({entry.path for entry in set(before) ^ set(after)} - {marker})
+
+
+def _incomplete(inspection: Inspection) -> Waiting | None:
+    """Why a ready folder looks half copied (files still arriving, fewer delivery folders than beams).
+
+    A marker written before the files must not start a run that fails at discovery, and
+    then another one after every pause of the copy.
+    """
+    reasons = inspection.incomplete_reasons()
+    if not reasons:
+        return None
+    return Waiting(
+        "incomplete",
+        "; ".join(reasons),
+        {"missing_beams": inspection.missing_deliveries, "arriving": inspection.arriving},
+    )
 
 
 class CaseWatcher:
@@ -172,7 +189,7 @@ class CaseWatcher:
 
         Files changed within `settle_seconds` before the last listing (a marker does not
         prove the copy has ended; measured between listings, so a slow poll cannot make a
-        growing case look settled), or fewer delivery folders than treatment beams.
+        growing case look settled), or the folder looks incomplete (see `_incomplete`).
         """
         tracked = self._cases[case.folder.path]
         if tracked.listed_at - tracked.changed_at < self.settings.sensor.settle_seconds:
@@ -180,13 +197,7 @@ class CaseWatcher:
             more = len(tracked.changed) - len(shown_paths)
             text = ", ".join(shown_paths) + (f" and {more} more" if more > 0 else "")
             return Waiting("changing", f"its files are still changing ({text})", {"changed": shown_paths})
-        missing = self.inspection(case).missing_deliveries
-        if missing:
-            beams = ", ".join(str(number) for number in missing)
-            return Waiting(
-                "incomplete", f"treatment beam(s) {beams} have no delivery folder", {"missing_beams": missing}
-            )
-        return None
+        return _incomplete(self.inspection(case))
 
     def verdict(self, case: ReadyCase) -> Verdict:
         """run it; wait (see `waiting`); or report that it still waits.
