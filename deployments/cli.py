@@ -267,7 +267,7 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     pool = GpuPool.of(settings.backend)
     api = api_url(args.port, args.api)
     if settings.backend.kind == "slurm" and args.action == "show":
-        return show_slurm_gpus(settings, args.json)
+        return show_slurm_gpus(settings, args.json, api)
     if args.action == "sync":  # the Prefect limits gpu-<host>-<index> for backend.gpus (and Slurm's queue)
         with connected(api):
             done = ensure_slot_limits(settings)
@@ -337,8 +337,30 @@ def _print_leases(pool: GpuPool, leases: dict[int, dict[str, object]]) -> None:
     console.print(leased_text(rows))
 
 
-def show_slurm_gpus(settings: Settings, as_json: bool) -> int:
-    """`mqi gpus` under Slurm: Slurm allocates the GPUs, so sinfo and squeue say who has them."""
+def _queue_places(settings: Settings, api: str) -> dict[str, object] | None:
+    """Our places in Slurm's queue (slurm.max_queued_jobs) as the server counts them; None: no cap."""
+    from deployments.server import connected, healthy
+    from tasks.gpu.limits import GpuLimitMissing, places_taken
+    from tasks.gpu.pool import SlurmQueue
+
+    queue = SlurmQueue.of_settings(settings)
+    if queue is None:
+        return None
+    shown: dict[str, object] = {"limit": queue.host, "size": queue.size, "taken": None, "problem": ""}
+    if not healthy(api):
+        shown["problem"] = f"no Prefect server answers at {api}: how many places are taken is not known"
+        return shown
+    with connected(api):
+        try:
+            shown["taken"], shown["size"] = places_taken(queue)
+        except GpuLimitMissing as error:
+            shown["problem"] = str(error)
+    return shown
+
+
+def show_slurm_gpus(settings: Settings, as_json: bool, api: str) -> int:
+    """`mqi gpus` under Slurm: Slurm allocates the GPUs, so sinfo and squeue say who has them;
+    with slurm.max_queued_jobs, the server says how many of our places in Slurm's queue are taken."""
     from dataclasses import asdict
 
     from tasks.backends import make_backend
@@ -353,8 +375,9 @@ def show_slurm_gpus(settings: Settings, as_json: bool) -> int:
     except ToolError as error:
         err_console.print(labelled("error", "red", error))
         return 1
+    places = _queue_places(settings, api)
     if as_json:
-        print(json.dumps(asdict(report), indent=2))
+        print(json.dumps({**asdict(report), "queue_places": places}, indent=2))
         return 0
     nodes = Table("node", "partition", "state", "GPUs", "GPUs in use")
     for node in report.nodes:
@@ -367,6 +390,14 @@ def show_slurm_gpus(settings: Settings, as_json: bool) -> int:
         jobs.add_row(job.job_id, job.name, job.user, job.state, job.nodes, job.gres, job.elapsed, reason)
     console.print(f"GPU jobs running or pending: {len(report.jobs)}")
     console.print(jobs)
+    if places is not None:
+        taken = "?" if places["taken"] is None else places["taken"]
+        console.print(
+            f"our places in Slurm's queue (slurm.max_queued_jobs, limit {places['limit']}): "
+            f"{taken}/{places['size']} taken"
+        )
+        if places["problem"]:
+            err_console.print(labelled("warning", "yellow", places["problem"]))
     return 0
 
 

@@ -330,6 +330,7 @@ def test_mqi_gpus_shows_slurms_nodes_and_gpu_jobs(slurm: SlurmCluster, tmp_path,
     assert node["gres_used"].startswith("gpu:1")
     assert {"job_id": other, "name": "someone-else", "state": "RUNNING"}.items() <= report["jobs"][0].items()
     assert "Slurm GPU nodes, partition gpu of Slurm via this machine" in shown and "someone-else" in shown
+    assert report["queue_places"] is None and "places in Slurm's queue" not in shown  # no cap configured
 
 
 def our_jobs_in_queue(slurm: SlurmCluster, prefix: str) -> int:
@@ -338,9 +339,12 @@ def our_jobs_in_queue(slurm: SlurmCluster, prefix: str) -> int:
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_max_queued_jobs_keeps_at_most_that_many_of_our_jobs_in_slurms_queue(slurm: SlurmCluster, tmp_path):
+def test_max_queued_jobs_keeps_at_most_that_many_of_our_jobs_in_slurms_queue(
+    slurm: SlurmCluster, tmp_path, capsys
+):
     """3 cases x 2 beams, each case an `mqi run` of its own, 4 free GPUs, slurm.max_queued_jobs 2:
-    squeue never lists more than 2 of our jobs; the beams that wait say so."""
+    squeue never lists more than 2 of our jobs; the beams that wait say so; `mqi gpus` shows
+    the places."""
     settings = slurm_settings(tmp_path, slurm={"max_queued_jobs": 2})
     launch_log = tmp_path / "launches.jsonl"
     env = {
@@ -387,6 +391,10 @@ def test_max_queued_jobs_keeps_at_most_that_many_of_our_jobs_in_slurms_queue(slu
         "the waits logged", logs, timeout=30
     )
     assert taken_queue_places(settings) == 0 and taken_gpu_slots(settings) == {}
+    capsys.readouterr()
+    assert main(["--config", str(settings.source), "gpus"]) == 0
+    shown = capsys.readouterr().out
+    assert "our places in Slurm's queue (slurm.max_queued_jobs, limit slurm-queue-local): 0/2 taken" in shown
 
 
 @pytest.mark.usefixtures("prefect_server")

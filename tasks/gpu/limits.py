@@ -148,8 +148,19 @@ def _number(text: str) -> tuple[int, str]:
     return (int(text), "") if text.isdigit() else (1 << 30, text)
 
 
+def places_taken(pool: GpuPool) -> tuple[int, int]:
+    """(held, size) of the pool's one limit (a capped Slurm queue); GpuLimitMissing if it is not there."""
+    name = pool.limit_name(pool.gpus[0])
+    with api_client() as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            missing = f"limit {name} does not exist on the Prefect server; run `mqi gpus sync`"
+            raise GpuLimitMissing(missing) from None
+    return limit.active_slots, limit.limit
+
+
 def places_text(pool: GpuPool) -> str:
     """`2/2 taken`: how many of the pool's one limit's slots are held (a capped Slurm queue)."""
-    with api_client() as client:
-        limit = client.read_global_concurrency_limit_by_name(pool.limit_name(pool.gpus[0]))
-    return f"{limit.active_slots}/{limit.limit} taken"
+    held, size = places_taken(pool)
+    return f"{held}/{size} taken"
