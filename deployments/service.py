@@ -50,6 +50,7 @@ from prefect.states import Cancelled, Cancelling
 from config.settings import Settings
 from deployments.cancel import Reconciler
 from deployments.cluster import (
+    SILENCE_SECONDS,
     check_shared_paths,
     database_env,
     ensure_crash_automations,
@@ -77,7 +78,7 @@ from deployments.server import (
     ui_url,
     work_queues,
 )
-from deployments.stranded import crash_stranded
+from deployments.stranded import crash_never_started, crash_stranded
 from tasks.gpu.limits import ensure_slot_limits
 from tasks.prefect_api.client import server_unavailable
 
@@ -90,6 +91,12 @@ WATCH_SECONDS = 2.0  # how often `mqi up` looks at its processes, the server and
 RESTARTS_ALLOWED = 3  # restarts of the server or the worker within RESTART_WINDOW_SECONDS
 RESTART_WINDOW_SECONDS = 300
 SERVER_BUSY_SECONDS = 300  # how long a step of `mqi up` waits out a server that is busy or restarting
+# A GPU monitor run cancelled because the deployment's one place is held while no run is active
+# (a killed run's slot lease, which Prefect frees when it expires: up to 300 s): the next one
+# is started after this pause, doubled each time up to the most.
+MONITOR_PAUSE_SECONDS = 15.0
+MONITOR_PAUSE_MOST_SECONDS = 120.0
+PLACE_HELD = "Deployment concurrency limit reached."  # Prefect's message on such a cancelled run
 ACTIVE_STATES = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
 
 
@@ -125,6 +132,8 @@ class Service:
         self.server_lost: float | None = None  # since when the server does not answer
         self.monitor_run: UUID | None = None  # the GPU monitor run it started, or one it watches
         self.monitor_owned = False  # whether it started that run (and so stops it)
+        self.monitor_pause = 0.0  # the pause before the next monitor run, while its place is held
+        self.monitor_paused_until: float | None = None
         self.reconciler = Reconciler(settings, say=lambda message: print(message, flush=True))
 
     def _log(self, name: str) -> IO[bytes]:
@@ -283,8 +292,11 @@ class Service:
         if self.reconciler.due():  # the engine jobs of case runs that are over (deployments/cancel.py)
             try:
                 self.reconciler.reconcile(client)
+                if self.sensor_run is not None:  # the machine whose sensor resumes crashed runs
+                    for run in crash_never_started(client, SILENCE_SECONDS):
+                        print(f"run {run.name} ({run.id}): {run.state.message}", flush=True)
             except Exception as error:  # the server is busy or restarting: next time
-                print(f"warning: looking for case runs to stop failed: {error}", flush=True)
+                print(f"warning: looking for case runs to stop or resume failed: {error}", flush=True)
         if self.server_lost is not None:
             print(
                 f"the Prefect server answers again, after {time.monotonic() - self.server_lost:.0f} s",
@@ -298,6 +310,8 @@ class Service:
             self.start_sensor(client)
         if monitor is not None and monitor.state is not None and monitor.state.is_final():
             self._replace_monitor(client, monitor)
+        elif monitor is not None and monitor.state_type == StateType.RUNNING:
+            self.monitor_pause = 0.0
 
     def _replace_monitor(self, client: SyncPrefectClient, ended: FlowRun) -> None:
         """The GPU monitor run `ended`: watch another one that is active, else start one.
@@ -305,7 +319,12 @@ class Service:
         The monitor deployment allows one run at a time and cancels a new one while another
         holds its place (another `mqi up` on this server, or a run whose process was killed
         until it is marked Crashed): starting a new one at every look would flood the run list.
+        When no run holds it (a killed run's slot lease, until it expires), the next one is
+        started after a pause that doubles each time.
         """
+        now = time.monotonic()
+        if self.monitor_paused_until is not None and now < self.monitor_paused_until:
+            return
         holding = FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING])
         others = patiently(
             "replacing the GPU monitor",
@@ -323,6 +342,17 @@ class Service:
             print(f"another GPU monitor run is active ({other.name}, {other.state_name}); watching it")
             self.monitor_run, self.monitor_owned = other.id, False
             return
+        held = ended.state is not None and ended.state.message == PLACE_HELD
+        if held and self.monitor_paused_until is None:
+            pause = min(2 * self.monitor_pause, MONITOR_PAUSE_MOST_SECONDS) or MONITOR_PAUSE_SECONDS
+            self.monitor_pause, self.monitor_paused_until = pause, now + pause
+            print(
+                f"the GPU monitor run {ended.name} was cancelled: the deployment's one place is held, "
+                f"by no active run (a stopped run's lease, until it expires); trying again in {pause:.0f} s",
+                flush=True,
+            )
+            return
+        self.monitor_paused_until = None
         print(f"the GPU monitor run ended {ended.state_name}; starting a new one", flush=True)
         self.start_monitor()
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -26,12 +28,13 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect.states import Cancelled, Crashed, Running
+from prefect.states import Cancelled, Crashed, Pending, Running
 
 from config import Settings, load_settings
 from deployments.processes import process_alive
 from deployments.server import MONITOR_DEPLOYMENT, deploy, ensure_work_pool, healthy
-from deployments.service import Service
+from deployments.service import MONITOR_PAUSE_SECONDS, PLACE_HELD, Service
+from deployments.stranded import crash_never_started
 from tests.conftest import write_config
 from tests.invariants import check_invariants, engine_launches, watch
 from tests.local_server import LocalServer, free_port
@@ -246,9 +249,44 @@ def test_a_gpu_monitor_cancelled_for_another_active_one_watches_it_instead_of_st
             client.set_flow_run_state(other.id, Crashed(message="its process was killed"), force=True)
             service._replace_monitor(client, client.read_flow_run(other.id))  # it ended: start one
             assert service.monitor_owned and service.monitor_run not in (ours.id, other.id)
-            runs = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[monitor]))
-            )
+            of_monitor = FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[monitor]))
+            runs = client.read_flow_runs(flow_run_filter=of_monitor)
             assert {run.id for run in runs} == {ours.id, other.id, service.monitor_run}
+
+            # No run holds the place, a stopped run's slot lease does (until it expires, up to
+            # 300 s): the next monitor is started after a pause that doubles, not at every look.
+            held = client.create_flow_run_from_deployment(monitor, state=Cancelled(message=PLACE_HELD))
+            service._replace_monitor(client, client.read_flow_run(held.id))
+            assert service.monitor_run != held.id and service.monitor_pause == MONITOR_PAUSE_SECONDS
+            service._replace_monitor(client, client.read_flow_run(held.id))  # a look during the pause
+            assert len(client.read_flow_runs(flow_run_filter=of_monitor)) == 4  # no run started
+            service.monitor_paused_until = time.monotonic()  # the pause is over
+            service._replace_monitor(client, client.read_flow_run(held.id))
+            assert service.monitor_owned and len(client.read_flow_runs(flow_run_filter=of_monitor)) == 5
+            client.set_flow_run_state(service.monitor_run, Cancelled(message=PLACE_HELD), force=True)
+            service._replace_monitor(client, client.read_flow_run(service.monitor_run))  # held again
+            assert service.monitor_pause == 2 * MONITOR_PAUSE_SECONDS
     finally:
         remove_deployments()
+
+
+@flow
+def taken_by_a_worker() -> None:
+    """A flow whose runs a test puts in states by hand."""
+
+
+def test_a_run_a_worker_took_and_never_started_is_marked_crashed_by_the_service():
+    """Pending (taken by a worker) and never started: its worker is gone. The server's automation
+    would say so, but after a server restart Prefect's triggers hold such events for up to 15
+    minutes (the soak's runs stayed Pending that long), so `mqi up` does it too."""
+    with get_client(sync_client=True) as client:
+        pending = client.create_flow_run(taken_by_a_worker, state=Pending())
+        running = client.create_flow_run(taken_by_a_worker, state=Running())
+        assert pending.id not in {run.id for run in crash_never_started(client, 3600)}  # not for so long
+        assert client.read_flow_run(pending.id).state_type == StateType.PENDING
+        crashed = {run.id for run in crash_never_started(client, 0)}
+        assert pending.id in crashed and running.id not in crashed
+        state = client.read_flow_run(pending.id).state
+        assert state is not None and state.type == StateType.CRASHED
+        assert state.message.startswith("taken by a worker but not started for 0 s: its worker is gone")
+        assert client.read_flow_run(running.id).state_type == StateType.RUNNING
