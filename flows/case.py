@@ -38,7 +38,7 @@ from tasks.interpret import interpret
 from tasks.moqui.beam import BeamInput, BeamResult
 from tasks.outcome.summary import BeamRow, not_run_message
 from tasks.prefect_api.case_turn import wait_for_turn
-from tasks.prefect_api.client import api_client
+from tasks.prefect_api.client import api_client, server_unavailable
 from tasks.prefect_api.internals import quiet_deliberate_failure
 from tasks.prefect_api.reuse import beams_to_simulate_again, results_dir, simulation_cache_key
 from tasks.qa.model import BeamQa
@@ -55,6 +55,8 @@ def case_run_name() -> str:
 def _failure(future: PrefectFuture, subject: str) -> tuple[str, str, dict[str, float]]:
     """(one-line cause, whole message, facts of the run) of a failed task run, the cause without `subject`."""
     error = future.result(raise_on_failure=False)
+    if isinstance(error, BaseException) and server_unavailable(error):
+        raise error  # the server went away, not the beam's fault: the run ends Crashed, and is resumed
     if isinstance(error, BaseException):
         return cause_of(error, subject), str(error), getattr(error, "facts", {})
     message = future.state.message or "failed"
@@ -93,7 +95,9 @@ def process_case(
     with stop_on_sigterm():  # `mqi up` stopping: beams end at once, their engine jobs go on
         try:
             return _recalculate(case_dir, config, rerun_beams or [], force)
-        except httpx.TransportError as error:  # the server went away: not the case's fault
+        except httpx.HTTPError as error:  # the server went away: not the case's fault
+            if not server_unavailable(error):
+                raise
             return Crashed(
                 message=f"lost the Prefect server ({type(error).__name__}: {error}); "
                 "the file sensor resumes the run, adopting its engine jobs"
@@ -185,7 +189,7 @@ def _recalculate(case_dir: str, config: str | None, rerun_beams: list[int], forc
         if future.state.is_completed():
             qa.append(future.result())
         else:
-            cause, _ = _failure(future, beam_subject(case.case_id, number, rows[number].name))
+            cause, _, _ = _failure(future, beam_subject(case.case_id, number, rows[number].name))
             qa.append(BeamQa(beam_number=number, verdict="error", message=cause))
         rows[number].qa = qa[-1].shown
     verdict = qa_report(settings, case, qa) if qa else ""

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from uuid import UUID
 
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -53,14 +54,20 @@ def simulate(settings: Settings, beam: BeamInput) -> BeamResult:
     logger = get_run_logger()
     attempt = task_run.run_count or 1
     engine_text = f"{beam.label} engine progress"
-    bar = create_progress_artifact(0.0, description=engine_text)
+    bar: list[UUID] = []  # the beam's progress bar, made by the first update the server takes
 
     def show_progress(percent: float, description: str | None = None) -> None:
         """The bar is for people: a server that refuses an update (restarting) must not fail the beam."""
+        text = description or engine_text
         try:
-            update_progress_artifact(bar, progress=percent, description=description or engine_text)
+            if bar:
+                update_progress_artifact(bar[0], progress=percent, description=text)
+            else:
+                bar.append(create_progress_artifact(percent, description=text))
         except Exception as error:
             logger.warning("%s: progress bar not updated (%s: %s)", beam.label, type(error).__name__, error)
+
+    show_progress(0.0)
 
     move_bar = every(PROGRESS_SECONDS, lambda done: show_progress(round(done * 100, 1)))
     backend = make_backend(settings, secrets=secret_value)
