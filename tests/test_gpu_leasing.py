@@ -35,6 +35,7 @@ from tasks.backends.local import LocalBackend
 from tasks.gpu import broker as broker_module
 from tasks.gpu import events as gpu_event_names
 from tasks.gpu import lease as lease_module
+from tasks.gpu import limits as limits_module
 from tasks.gpu import wakeup as gpu_wakeup
 from tasks.gpu.broker import gpu_lease
 from tasks.gpu.limits import GpuLimitMissing, ensure_gpu_limits, gpu_status
@@ -225,6 +226,39 @@ def test_killed_holder_gpu_returns_after_its_lease_expires(use_server, tmp_path)
     finally:
         second.kill()
     assert not leased(settings, 0)
+
+
+@pytest.mark.parametrize("page", [limits_module.LEASE_EVENTS_PAGE, 1])
+def test_gpu_status_names_every_holder_from_one_page_of_lease_events_or_one_read_each(
+    use_server, tmp_path, monkeypatch, page
+):
+    """One read names the holders of all leased GPUs; a holder whose lease event is not on that
+    page (page 1: only the newest event is) is read on its own, so no leased GPU loses its name."""
+    monkeypatch.setattr(limits_module, "LEASE_EVENTS_PAGE", page)
+    config = write_config(tmp_path, {"backend": {"host": f"names{page}", "gpus": [0, 1, 2]}})
+    pool = GpuPool.of(load_settings(config, env={}).backend)
+    ensure_gpu_limits(pool)
+    holders = [start_holder(use_server, config, beam) for beam in ("1", "2")]
+    try:
+        held = {
+            int(h.stdout.readline().strip().removeprefix("holding ")): beam
+            for h, beam in zip(holders, "12", strict=True)
+        }
+        rows = wait_for(
+            "both holders in the GPU status",
+            lambda: (
+                (rows := gpu_status(pool)) and all(rows[i]["beam"] == b for i, b in held.items()) and rows
+            ),
+        )
+        assert {row["gpu"]: row["state"] for row in rows} == {
+            index: "leased" if index in held else "free" for index in range(3)
+        }
+        assert all(rows[index]["case"] == "HOLDER" and rows[index]["since"] for index in held)
+        assert [row["case"] for row in rows if row["gpu"] not in held] == [""]
+    finally:
+        for holder in holders:
+            let_go(holder)
+            holder.wait()
 
 
 def test_server_restart_while_a_gpu_is_held_leaks_no_slot(either_server, tmp_path):

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
 from prefect.events import Event
 from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -74,17 +75,37 @@ def ensure_gpu_limits(pool: GpuPool) -> dict[str, list[str]]:
     return done
 
 
-def _last_lease_event(client: SyncPrefectClient, resource_id: str) -> dict[str, object] | None:
-    """The newest lease/release event of one GPU in the last day: who holds it, since when."""
+LEASE_EVENTS_PAGE = 50  # lease events read at once for the holders of the leased GPUs
+
+
+def _lease_events(
+    client: SyncPrefectClient, resource_ids: list[str], limit: int
+) -> dict[str, dict[str, object]]:
+    """Resource id -> its newest lease/release event of the last day, among the newest `limit` of them."""
     page = client.read_events(
         filter=EventFilter(
             occurred=EventOccurredFilter(since=datetime.now(UTC) - timedelta(days=1)),
             event=EventNameFilter(name=[LEASED, RELEASED]),
-            resource=EventResourceFilter(id=[resource_id]),
+            resource=EventResourceFilter(id=resource_ids),
         ),
-        limit=1,
+        limit=limit,
     )
-    return lease_event(page.events[0]) if page.events else None  # newest first
+    newest: dict[str, dict[str, object]] = {}
+    for event in page.events:  # newest first
+        newest.setdefault(event.resource.id, lease_event(event))
+    return newest
+
+
+def _holders(client: SyncPrefectClient, pool: GpuPool, leased: list[int]) -> dict[int, dict[str, object]]:
+    """GPU -> its newest lease event: one read for all of them; a GPU whose newest event is not
+    on that page (it has held its lease while the others changed hands many times) on its own."""
+    if not leased:
+        return {}
+    found = _lease_events(client, [pool.resource(index) for index in leased], LEASE_EVENTS_PAGE)
+    for index in leased:
+        if pool.resource(index) not in found:
+            found.update(_lease_events(client, [pool.resource(index)], 1))
+    return {index: found[pool.resource(index)] for index in leased if pool.resource(index) in found}
 
 
 def lease_event(event: Event) -> dict[str, object]:
@@ -92,42 +113,48 @@ def lease_event(event: Event) -> dict[str, object]:
     return {"event": event.event, "since": event.occurred, **event.payload}
 
 
+def _state(limit: GlobalConcurrencyLimitResponse | None) -> str:
+    if limit is None:
+        return "missing limit"
+    return "disabled" if not limit.active else "leased" if limit.active_slots else "free"
+
+
 def gpu_status(
     pool: GpuPool, heard: Mapping[int, dict[str, object]] | None = None
 ) -> list[dict[str, object]]:
     """One row per configured GPU: limit state from the server, holder from the lease events.
 
-    `heard`: the newest lease event of some GPUs, as a follower of the event stream heard it
-    (the server stores events about a second later than it streams them).
+    Two reads however many GPUs: every limit at once, then the lease events of the leased
+    GPUs whose holder is not in `heard` (a free GPU has no holder to name). `heard`: the
+    newest lease event of some GPUs, as a follower of the event stream heard it (the
+    server stores events about a second later than it streams them).
     """
-    rows: list[dict[str, object]] = []
     with api_client() as client:
-        for index in pool.gpus:
-            name = pool.limit_name(index)
-            row: dict[str, object] = {
-                "gpu": index,
-                "limit": name,
-                "state": "missing limit",
-                "case": "",
-                "beam": "",
-                "beam_number": "",
-                "since": "",
-            }
-            try:
-                limit = client.read_global_concurrency_limit_by_name(name)
-            except ObjectNotFound:
-                rows.append(row)
-                continue
-            row["state"] = "disabled" if not limit.active else "leased" if limit.active_slots else "free"
-            last = (heard or {}).get(index) or _last_lease_event(client, pool.resource(index))
-            if row["state"] == "leased" and last and last["event"] == LEASED:
-                row.update(
-                    case=last.get("case_id", ""),
-                    beam=last.get("beam", ""),
-                    beam_number=last.get("beam_number", ""),
-                    since=last["since"].isoformat(timespec="seconds"),
-                )  # type: ignore[union-attr]
-            rows.append(row)
+        limits = {limit.name: limit for limit in client.read_global_concurrency_limits(limit=200)}
+        states = {index: _state(limits.get(pool.limit_name(index))) for index in pool.gpus}
+        known = dict(heard or {})
+        unknown = [index for index in pool.gpus if states[index] == "leased" and index not in known]
+        known.update(_holders(client, pool, unknown))
+    rows: list[dict[str, object]] = []
+    for index in pool.gpus:
+        row: dict[str, object] = {
+            "gpu": index,
+            "limit": pool.limit_name(index),
+            "state": states[index],
+            "case": "",
+            "beam": "",
+            "beam_number": "",
+            "since": "",
+        }
+        last = known.get(index)
+        if row["state"] == "leased" and last and last["event"] == LEASED:
+            row.update(
+                case=last.get("case_id", ""),
+                beam=last.get("beam", ""),
+                beam_number=last.get("beam_number", ""),
+                since=last["since"].isoformat(timespec="seconds"),
+            )  # type: ignore[union-attr]
+        rows.append(row)
     return rows
 
 
