@@ -278,8 +278,7 @@ class Service:
         ended = self.alive_pids - alive  # processes of the worker's that ended since the last look
         self.seen_pids |= alive
         try:
-            sensor = client.read_flow_run(self.sensor_run) if self.sensor_run else None
-            monitor = client.read_flow_run(self.monitor_run) if self.monitor_run else None
+            sensor, monitor = self._read_own_runs(client)
             if ended or self.server_lost is not None:
                 for run in crash_stranded(client, self.seen_pids):
                     print(f"run {run.name} ({run.id}): {run.state.message}", flush=True)
@@ -312,6 +311,25 @@ class Service:
             self._replace_monitor(client, monitor)
         elif monitor is not None and monitor.state_type == StateType.RUNNING:
             self.monitor_pause = 0.0
+
+    def _read_own_runs(self, client: SyncPrefectClient) -> tuple[FlowRun | None, FlowRun | None]:
+        """The sensor run and the monitor run this service watches, in one read (one every look).
+
+        A watched run that is not on the server any more (deleted in the UI) is replaced.
+        """
+        ids = [run for run in (self.sensor_run, self.monitor_run) if run is not None]
+        found = (
+            client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))) if ids else []
+        )
+        runs = {run.id: run for run in found}
+        if self.sensor_run is not None and self.sensor_run not in runs:
+            print(f"the file sensor run {self.sensor_run} is gone from the server; starting a new one")
+            self.start_sensor(client)
+        if self.monitor_run is not None and self.monitor_run not in runs:
+            print(f"the GPU monitor run {self.monitor_run} is gone from the server; starting a new one")
+            self.start_monitor()
+        sensor = runs.get(self.sensor_run) if self.sensor_run is not None else None
+        return sensor, runs.get(self.monitor_run) if self.monitor_run is not None else None
 
     def _replace_monitor(self, client: SyncPrefectClient, ended: FlowRun) -> None:
         """The GPU monitor run `ended`: watch another one that is active, else start one.

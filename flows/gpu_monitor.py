@@ -5,6 +5,9 @@ so the run list holds one monitor run instead of one every minute. It follows th
 lease and release events on the server's event stream and publishes the table again
 (artifact `gpus-<host>`, "which GPUs are busy right now?") whenever one arrives, and at
 least every REFRESH_SECONDS (a lease that expired because its holder died sends no event).
+Changes that come together (a hand-off is a release and a lease; a busy GPU node sends
+several a second) are published together, at most once every SETTLE_SECONDS: each
+version of the table is two reads and a write on the server every case run shares.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
+import time
 from datetime import UTC, datetime
 
 from prefect import flow
@@ -26,6 +30,7 @@ from tasks.gpu.pool import GpuPool
 from tasks.gpu.wakeup import follow_gpu_events
 
 REFRESH_SECONDS = 60.0
+SETTLE_SECONDS = 1.0  # after a change, the other changes of this moment join it in one version
 MONITOR_RUN_NAME = "gpu-monitor"
 
 
@@ -76,4 +81,5 @@ def gpu_monitor(config: str | None = None) -> None:
         if text != said:
             logger.info("GPUs of %s: %s", pool.host, text)
             said = text
-        changed.wait(REFRESH_SECONDS)
+        if changed.wait(REFRESH_SECONDS):
+            time.sleep(SETTLE_SECONDS)  # a pace for the server, not a wait for another thread

@@ -39,7 +39,7 @@ from tasks.moqui.beam import BeamInput, BeamResult
 from tasks.moqui.judge import progress_of
 from tasks.prefect_api.secrets import secret_value
 
-PROGRESS_SECONDS = 2.0  # least time between two updates of a beam's progress bar
+PROGRESS_SECONDS = 5.0  # least time between two updates of a beam's progress bar (each a write on the server)
 PROGRESS_LOG_SECONDS = 10.0  # least time between two "batch k of N" lines in the beam's log
 WAITING_SAY_SECONDS = 1.0  # a beam that has no GPU after this long says that it waits, and for whom
 

@@ -270,6 +270,36 @@ def test_a_gpu_monitor_cancelled_for_another_active_one_watches_it_instead_of_st
         remove_deployments()
 
 
+def test_a_watched_run_deleted_in_the_ui_is_replaced_and_both_are_read_in_one_call(tmp_path, monkeypatch):
+    """`mqi up` reads its sensor and monitor runs in one call every look; one deleted from the
+    server (a person deleted it in the UI) is started again, not left unwatched (nor a crash)."""
+    config = write_config(tmp_path, {**FAST, "backend": {**FAST["backend"], "host": "deleted"}})
+    api = str(PREFECT_API_URL.value())
+    service = Service(load_settings(config, env={}), config, api, worker_poll=0.5, warm=True)
+    with get_client(sync_client=True) as client:
+        ensure_work_pool(client, "mqi")
+    deploy(api)
+    sensors: list[object] = []
+    monkeypatch.setattr(service, "start_sensor", sensors.append)  # a sensor needs a worker; not here
+    try:
+        with get_client(sync_client=True) as client:
+            monitor = client.read_deployment_by_name(MONITOR_DEPLOYMENT).id
+            sensor = client.create_flow_run_from_deployment(monitor)  # any run stands for the sensor's
+            watched = client.create_flow_run_from_deployment(monitor)
+            service.sensor_run, service.monitor_run = sensor.id, watched.id
+            assert [run.id for run in service._read_own_runs(client)] == [sensor.id, watched.id]
+            assert sensors == []
+            client.delete_flow_run(watched.id)
+            client.delete_flow_run(sensor.id)
+            found_sensor, found_monitor = service._read_own_runs(client)
+            assert sensors == [client] and found_sensor is None
+            assert service.monitor_run not in (watched.id, None) and service.monitor_owned
+            assert found_monitor is None  # the new one is read at the next look
+            assert client.read_flow_run(service.monitor_run).deployment_id == monitor
+    finally:
+        remove_deployments()
+
+
 @flow
 def taken_by_a_worker() -> None:
     """A flow whose runs a test puts in states by hand."""
