@@ -18,7 +18,9 @@ engine's end to the next start on that GPU); p95 of a lease acquisition on the s
 with the client the beams use, timed); the server's CPU seconds per case (the Prefect
 server's process tree, plus PostgreSQL's); and the server calls per case by endpoint, from
 the server's access log (PREFECT_SERVER_LOGGING_LEVEL=INFO), the busiest first (the probe's
-own calls taken out; this script's own reads, every 5 s, left in).
+own calls taken out; this script's own reads, every 5 s, left in). Calls the server refused
+with 503 (a busy database: the client asks again) are counted apart, as refused: they
+measure the database's contention, not what a case asks for.
 
 Usage: python benchmarks/burst.py [--cases 100] [--beams 4] [--gpus 10] [--duration 20]
        [--rows sqlite+1,postgres+1,postgres+2]
@@ -90,6 +92,7 @@ class Row:
     leases: list[float] = field(default_factory=list)
     cpu_per_case: float = 0.0
     calls: Counter[str] = field(default_factory=Counter)
+    refused: int = 0
 
 
 def endpoint(path: str) -> str:
@@ -234,7 +237,9 @@ def run_row(name: str, root: Path, args: argparse.Namespace) -> Row:
         with server_log.open("rb") as log:
             log.seek(log_offset)
             for line in log.read().decode(errors="replace").splitlines():
-                if match := ACCESS.search(line):
+                if (match := ACCESS.search(line)) and match[3] == "503":
+                    row.refused += 1
+                elif match:
                     row.calls[f"{match[1]} {endpoint(match[2])}"] += 1
         for call in (
             "increment-with-lease",
@@ -305,7 +310,7 @@ def main() -> int:
     for row in results:
         print(
             f"{row.name}: ratio {row.ratio / baseline.ratio:.3f} x {baseline.name}'s; "
-            "server calls per case by endpoint:"
+            f"server calls per case by endpoint ({row.refused / args.cases:.1f} more refused with 503):"
         )
         for call, count in row.calls.most_common(args.calls):
             print(f"  {count / args.cases:8.2f}  {call}")
