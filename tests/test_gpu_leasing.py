@@ -496,11 +496,16 @@ def test_waiting_beams_of_a_process_get_the_gpu_in_arrival_order(use_server, tmp
 
 
 def test_a_gpu_is_handed_over_while_the_server_is_slow_to_answer(use_server, tmp_path, monkeypatch):
-    """Under load a read of the limits took 1.5 s; the beam that ends must not wait for it."""
+    """Under load a read of the limits took 1.5 s; the beam that ends must not wait for it, and
+    the read, answering once nobody waits, takes no GPU."""
     settings = load_settings(write_config(tmp_path, {"backend": {"host": "slow", "gpus": [0]}}), env={})
-    ensure_gpu_limits(GpuPool.of(settings.backend))
+    pool = GpuPool.of(settings.backend)
+    ensure_gpu_limits(pool)
     slow, in_read, answer = threading.Event(), threading.Event(), threading.Event()
-    free_gpus = lease_module._free_gpus
+    free_gpus, try_acquire = lease_module._free_gpus, lease_module._try_acquire
+    increments: list[str] = []
+    counted_increment = lambda *args: increments.append(args[1].limit_name(args[2])) or try_acquire(*args)  # noqa: E731
+    monkeypatch.setattr(lease_module, "_try_acquire", counted_increment)
 
     def slow_read(*args) -> list[int]:
         if slow.is_set() and not in_read.is_set():
@@ -521,9 +526,11 @@ def test_a_gpu_is_handed_over_while_the_server_is_slow_to_answer(use_server, tmp
         assert in_read.wait(timeout=60)  # the server is asked for beam 2 and has not answered
     try:
         assert got.wait(timeout=30), "beam 2 waited for the server although beam 1 handed its GPU over"
+        waiter.join(timeout=60)  # beam 2 has given GPU 0 back
     finally:
-        answer.set()
-        waiter.join(timeout=60)
+        answer.set()  # the slow read now finds GPU 0 free, and nobody waiting for it
+    wait_for("the slow read to end", lambda: not broker_module._broker(pool)._asking)
+    assert increments == ["gpu-slow-0"], increments  # beam 1's only
     assert not leased(settings, 0)
 
 

@@ -178,6 +178,10 @@ class _Broker:
         if not self.hand_over(lease, farewell):
             lease.give_back(who)
 
+    def _waited_for(self) -> bool:
+        with self._cond:
+            return bool(self._waiting)
+
     def _ask(self) -> None:
         try:
             with api_client() as client:
@@ -203,7 +207,8 @@ class _Broker:
             seen = self._signal.count()  # before reading: a release from now on ends the wait below
             try:
                 gpus = self._pool.gpus
-                for lease in take_free(client, self._pool, head.holder, gpus, head.skip, told):
+                free = take_free(client, self._pool, head.holder, gpus, head.skip, told, self._waited_for)
+                for lease in free:
                     if turn_ran_out:
                         self._signal.forget_ahead_of(head.since)
                     if not self.hand_over(lease):  # the waiters got GPUs from their own beams

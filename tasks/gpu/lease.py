@@ -13,7 +13,7 @@ import contextvars
 import random
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from uuid import UUID
 
 import httpx
@@ -147,16 +147,20 @@ def take_free(
     candidates: Sequence[int],
     skip: SkipReason | None,
     told: dict[int, str],
+    wanted: Callable[[], bool] = lambda: True,
 ) -> Iterator[Lease]:
     """Take, one by one, the candidates that one read shows free and not in use outside our control.
 
     In random order: processes woken by the same releases then mostly try different GPUs,
     instead of all losing the race for the first one (each lost try is a write on the
-    server's busy database, and the loser's waiting beam waits on).
+    server's busy database, and the loser's waiting beam waits on). None once `wanted()` is
+    false: a beam that got a GPU handed over while the read was slow needs no other.
     """
     free = _free_gpus(client, pool, candidates)
     random.shuffle(free)
     for index in free:
+        if not wanted():
+            return
         reason = skip(index) if skip is not None else None
         if reason is not None:
             if told.get(index) != reason:
