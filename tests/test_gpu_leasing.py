@@ -11,7 +11,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 from prefect import flow
@@ -91,6 +91,19 @@ def either_server(request) -> Iterator[LocalServer]:
     server = request.getfixturevalue("server" if request.param == "sqlite" else "postgres_server")
     with pointed_at(server) as local:
         yield local
+
+
+def count_increments(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The limit names of every slot increment from now on (the server is still asked)."""
+    increments: list[str] = []
+    try_acquire = lease_module._try_acquire
+
+    def counted(client, pool: GpuPool, index: int, holder) -> UUID | None:
+        increments.append(pool.limit_name(index))
+        return try_acquire(client, pool, index, holder)
+
+    monkeypatch.setattr(lease_module, "_try_acquire", counted)
+    return increments
 
 
 def leased(settings, index: int) -> bool:
@@ -502,10 +515,8 @@ def test_a_gpu_is_handed_over_while_the_server_is_slow_to_answer(use_server, tmp
     pool = GpuPool.of(settings.backend)
     ensure_gpu_limits(pool)
     slow, in_read, answer = threading.Event(), threading.Event(), threading.Event()
-    free_gpus, try_acquire = lease_module._free_gpus, lease_module._try_acquire
-    increments: list[str] = []
-    counted_increment = lambda *args: increments.append(args[1].limit_name(args[2])) or try_acquire(*args)  # noqa: E731
-    monkeypatch.setattr(lease_module, "_try_acquire", counted_increment)
+    free_gpus = lease_module._free_gpus
+    increments = count_increments(monkeypatch)
 
     def slow_read(*args) -> list[int]:
         if slow.is_set() and not in_read.is_set():
@@ -538,9 +549,10 @@ def test_one_read_serves_every_waiting_beam_and_takes_no_more(use_server, tmp_pa
     config = write_config(tmp_path, {"backend": {"host": "batch", "gpus": [0, 1, 2]}})
     settings = load_settings(config, env={})
     ensure_gpu_limits(GpuPool.of(settings.backend))
-    reads, increments = [], []
+    reads: list[int] = []
+    increments = count_increments(monkeypatch)
     queued = threading.Event()
-    free_gpus, try_acquire = lease_module._free_gpus, lease_module._try_acquire
+    free_gpus = lease_module._free_gpus
 
     def counted_read(*args) -> list[int]:
         assert queued.wait(timeout=60)  # answer once both beams wait
@@ -548,8 +560,6 @@ def test_one_read_serves_every_waiting_beam_and_takes_no_more(use_server, tmp_pa
         return free_gpus(*args)
 
     monkeypatch.setattr(lease_module, "_free_gpus", counted_read)
-    counted_increment = lambda *args: increments.append(args[1].limit_name(args[2])) or try_acquire(*args)  # noqa: E731
-    monkeypatch.setattr(lease_module, "_try_acquire", counted_increment)
     got: list[int] = []
     both_hold = threading.Barrier(3)
 
